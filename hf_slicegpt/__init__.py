@@ -1,0 +1,48 @@
+"""hf-slicegpt: SliceGPT for Hugging Face transformers and PEFT.
+
+``import hf_slicegpt`` registers the sliced architecture with ``AutoConfig`` and ``AutoModelForCausalLM`` (and
+PEFT's default LoRA targets), so sliced checkpoints load with plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .adapters import (
+    FamilyAdapter,
+    UnsupportedModelError,
+    get_adapter,
+    register_adapter,
+    supported_model_types,
+)
+from .modeling.configuration_sliced import SlicedConfig
+from .modeling.modeling_sliced import SlicedModelForCausalLM
+from .slicing import SlicingError, slice_model, sliced_width, validate_sparsity
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(SlicedConfig.model_type, SlicedConfig, exist_ok=True)
+    AutoModelForCausalLM.register(SlicedConfig, SlicedModelForCausalLM, exist_ok=True)
+    # save_pretrained then copies the modeling files beside the weights and writes ``auto_map``, so that
+    # ``trust_remote_code=True`` loads a sliced checkpoint without this package.
+    SlicedConfig.register_for_auto_class()
+    SlicedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+_register()
+
+__all__ = [
+    "FamilyAdapter",
+    "SlicedConfig",
+    "SlicedModelForCausalLM",
+    "SlicingError",
+    "UnsupportedModelError",
+    "get_adapter",
+    "register_adapter",
+    "slice_model",
+    "sliced_width",
+    "supported_model_types",
+    "validate_sparsity",
+]

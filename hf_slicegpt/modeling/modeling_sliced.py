@@ -1,0 +1,389 @@
+"""The generic SliceGPT-sliced causal language model.
+
+One architecture serves every family. Each decoder block reuses the family's own attention and MLP modules
+(built from the original config, so rotary embeddings, attention backends and the KV cache are the family's),
+gives their residual-side linears the sliced widths, and adds what slicing needs around them: weightless
+RMSNorms whose divisor stays the original hidden size, and shortcut matrices on the residual connections.
+
+This file is shipped beside sliced checkpoints as remote code, so it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_sliced import SlicedConfig
+
+logger = logging.get_logger(__name__)
+
+
+def _family_class(path: str | None) -> type[nn.Module] | None:
+    """Import a family module class named in the config.
+
+    Only classes inside ``transformers`` are accepted: a config is data, and must not make us import
+    arbitrary code.
+    """
+    if path is None:
+        return None
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name.startswith("transformers.") or not class_name:
+        raise ValueError(
+            f"Refusing to build module class {path!r}: only classes from transformers are allowed"
+        )
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path!r} is not a torch module class")
+    return cls
+
+
+def _resize_linear(
+    parent: nn.Module, name: str, in_features: int | None = None, out_features: int | None = None
+):
+    """Replace ``parent.<name>`` by a linear with the sliced residual-side width."""
+    old = parent.get_submodule(name)
+    if not isinstance(old, nn.Linear):
+        raise TypeError(f"{type(parent).__name__}.{name} is a {type(old).__name__}, expected nn.Linear")
+    new = nn.Linear(
+        old.in_features if in_features is None else in_features,
+        old.out_features if out_features is None else out_features,
+        bias=old.bias is not None,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    owner_name, _, attr = name.rpartition(".")
+    setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, new)
+
+
+class SlicedRMSNorm(nn.Module):
+    """Weightless RMSNorm: ``x / sqrt(|x|^2 / D + eps)`` with ``D`` the *original* hidden size.
+
+    After slicing, ``|x|^2`` is the energy kept in the sliced basis, and dividing by the original ``D`` keeps
+    the norm equal to the dense model's on the kept directions.
+    """
+
+    def __init__(self, divisor: int, eps: float):
+        super().__init__()
+        self.divisor = divisor
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        x = hidden_states.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps)
+        return x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"divisor={self.divisor}, eps={self.eps}"
+
+
+class SlicedFeedForward(nn.Module):
+    """``fc2(act(fc1(x)))``, for families whose MLP is not a module of its own (OPT)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, activation: str, bias: bool):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out_features, bias=bias)
+        self.act = ACT2FN[activation]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class SlicedDecoderLayer(GradientCheckpointingLayer):
+    """A pre-norm block around the family's attention and MLP, with shortcut matrices on its residuals.
+
+    Sequential: ``h = x S_attn + Attn(N(x))``; ``y = h S_mlp + MLP(N(h))``.
+    Parallel:   ``y = x S + Attn(N(x)) + MLP(N(x))``.
+    """
+
+    def __init__(self, config: SlicedConfig, layer_idx: int):
+        super().__init__()
+        family = config.family_config
+        self.layer_idx = layer_idx
+        self.parallel = config.topology == "parallel"
+        d_in = config.attn_input_dims[layer_idx]
+        d_out = config.layer_output_dim(layer_idx)
+        d_mid = d_in if self.parallel else config.mlp_input_dims[layer_idx]
+        attn_writes = d_out if self.parallel else d_mid
+
+        self.input_layernorm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
+        self.self_attn = _family_class(config.attention_class)(config=family, layer_idx=layer_idx)
+        for name in config.attn_input_names:
+            _resize_linear(self.self_attn, name, in_features=d_in)
+        _resize_linear(self.self_attn, config.attn_output_name, out_features=attn_writes)
+
+        mlp_cls = _family_class(config.mlp_class)
+        if mlp_cls is None:
+            self.mlp = SlicedFeedForward(
+                d_mid, family.ffn_dim, d_out, config.mlp_activation, bias=getattr(family, "enable_bias", True)
+            )
+        else:
+            self.mlp = mlp_cls(family)
+            for name in config.mlp_input_names:
+                _resize_linear(self.mlp, name, in_features=d_mid)
+            _resize_linear(self.mlp, config.mlp_output_name, out_features=d_out)
+
+        self.attn_shortcut = (
+            nn.Linear(d_in, attn_writes, bias=False) if config.attn_shortcuts[layer_idx] else None
+        )
+        if self.parallel:
+            self.post_attention_layernorm = None
+            self.mlp_shortcut = None
+        else:
+            self.post_attention_layernorm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
+            self.mlp_shortcut = (
+                nn.Linear(d_mid, d_out, bias=False) if config.mlp_shortcuts[layer_idx] else None
+            )
+
+    def _attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        if kwargs.get("position_embeddings") is None:
+            kwargs.pop("position_embeddings", None)
+        output = self.self_attn(hidden_states=hidden_states, **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attn_kwargs = dict(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        residual = hidden_states if self.attn_shortcut is None else self.attn_shortcut(hidden_states)
+        normed = self.input_layernorm(hidden_states)
+        attn_output = self._attention(normed, **attn_kwargs)
+        if self.parallel:
+            return residual + attn_output + self.mlp(normed)
+        hidden_states = residual + attn_output
+        residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
+        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class SlicedPreTrainedModel(PreTrainedModel):
+    config_class = SlicedConfig
+    config: SlicedConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SlicedDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+
+class SlicedModel(SlicedPreTrainedModel):
+    """Embeddings, sliced decoder blocks and the final weightless norm."""
+
+    def __init__(self, config: SlicedConfig):
+        super().__init__(config)
+        family = config.family_config
+        self.padding_idx = getattr(family, "pad_token_id", None)
+        full = config.norm_divisor
+        # With tied embeddings the vocabulary matrix is stored once at full width; a small projection maps it
+        # into the first basis, and the head projects back out of the last one.
+        embed_width = full if config.embed_proj else config.embedding_dim
+        self.embed_tokens = nn.Embedding(family.vocab_size, embed_width, self.padding_idx)
+        self.embed_proj = nn.Linear(full, config.embedding_dim, bias=False) if config.embed_proj else None
+        if config.position_embedding_offset is not None:
+            num_positions = family.max_position_embeddings + config.position_embedding_offset
+            self.embed_positions = nn.Embedding(num_positions, config.embedding_dim)
+        else:
+            self.embed_positions = None
+        rotary_cls = _family_class(config.rotary_class)
+        self.rotary_emb = rotary_cls(config=family) if rotary_cls is not None else None
+        self.layers = nn.ModuleList(
+            [SlicedDecoderLayer(config, layer_idx) for layer_idx in range(family.num_hidden_layers)]
+        )
+        self.norm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("output_attentions", None)
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        family = self.config.family_config
+        if family._attn_implementation != self.config._attn_implementation:
+            # The family's attention modules read their backend from the family config.
+            family._attn_implementation = self.config._attn_implementation
+        if use_cache is None:
+            use_cache = getattr(self.config, "use_cache", False) and not self.training
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        hidden_states = self.embed_proj(inputs_embeds) if self.embed_proj is not None else inputs_embeds
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+
+        if self.embed_positions is not None:
+            # Learned absolute positions count only real tokens, so left padding does not shift them.
+            if position_ids is None:
+                mask = attention_mask
+                if mask is None:
+                    mask = torch.ones(
+                        hidden_states.shape[0],
+                        past_seen + hidden_states.shape[1],
+                        device=hidden_states.device,
+                    )
+                position_ids = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, past_seen:]
+            positions = self.embed_positions(position_ids + self.config.position_embedding_offset)
+            hidden_states = hidden_states + positions.to(hidden_states.dtype)
+        elif position_ids is None:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config.family_config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        position_embeddings = (
+            self.rotary_emb(hidden_states, position_ids=position_ids) if self.rotary_emb else None
+        )
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+
+class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
+    """A SliceGPT-sliced causal LM that loads with ``AutoModelForCausalLM.from_pretrained``.
+
+    Example (after ``import hf_slicegpt``):
+
+    ```python
+    >>> import torch
+    >>> from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    >>> import hf_slicegpt
+    >>> dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, vocab_size=128))
+    >>> sliced = hf_slicegpt.slice_model(dense, torch.randint(0, 128, (8, 16)), sparsity=0.25, round_to=4)
+    >>> sliced.config.attn_input_dims
+    [24, 24]
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SlicedConfig):
+        super().__init__(config)
+        self.model = SlicedModel(config)
+        vocab = config.family_config.vocab_size
+        self.vocab_size = vocab
+        if config.head_proj:
+            self.head_proj = nn.Linear(config.head_input_dim, config.norm_divisor, bias=config.head_proj_bias)
+            head_width = config.norm_divisor
+        else:
+            self.head_proj = None
+            head_width = config.head_input_dim
+        self.lm_head = nn.Linear(head_width, vocab, bias=config.lm_head_bias)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        if cache is None and kwargs.get("past_key_values") is not None:
+            cache = kwargs["past_key_values"]
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:, :] if logits_to_keep else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        if self.head_proj is not None:
+            hidden_states = self.head_proj(hidden_states)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+__all__ = [
+    "SlicedModel",
+    "SlicedModelForCausalLM",
+    "SlicedPreTrainedModel",
+    "SlicedDecoderLayer",
+    "SlicedRMSNorm",
+]

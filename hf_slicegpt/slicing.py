@@ -1,0 +1,544 @@
+"""The layer-by-layer SliceGPT driver: signals -> covariance -> eigenbasis -> rotate and slice.
+
+Each layer is computed once over the calibration tokens. Its inputs come from the already-sliced layers above
+it, so errors do not compound. Attention and MLP outputs are rotated after the fact instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask
+
+from .adapters import FamilyAdapter, get_adapter
+from .invariance import center_rows, center_writer, fold_norm, norm_parameters
+from .modeling.configuration_sliced import SlicedConfig
+from .modeling.modeling_sliced import SlicedFeedForward, SlicedModelForCausalLM, SlicedRMSNorm
+from .pca import Covariance, eigenbasis
+
+logger = logging.getLogger(__name__)
+
+
+class SlicingError(ValueError):
+    """Bad input to :func:`slice_model`."""
+
+
+def validate_sparsity(sparsity: Any) -> float:
+    """Return ``sparsity`` as a float in ``[0, 1)``, or raise naming the value and the fix."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
+        raise SlicingError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if 1 <= sparsity <= 100:
+        raise SlicingError(
+            f"sparsity={sparsity!r} looks like a percentage; pass the fraction of the hidden size to remove, "
+            f"e.g. {sparsity / 100:g} for {sparsity:g}%"
+        )
+    if not 0 <= sparsity < 1:
+        raise SlicingError(
+            f"sparsity must be in [0, 1) (the fraction of the hidden size removed), got {sparsity!r}"
+        )
+    return float(sparsity)
+
+
+def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
+    """``hidden_size * (1 - sparsity)`` rounded down to a multiple of ``round_to`` (never below it)."""
+    if sparsity == 0:
+        return hidden_size
+    width = int(math.floor(hidden_size * (1 - sparsity) / round_to)) * round_to
+    return max(min(width, hidden_size), min(round_to, hidden_size))
+
+
+@dataclass
+class CalibrationBatch:
+    input_ids: torch.LongTensor
+    attention_mask: torch.Tensor | None
+
+
+def calibration_batches(calibration: Any, batch_size: int, vocab_size: int) -> list[CalibrationBatch]:
+    """Normalise a ``(N, L)`` token tensor or an iterable of ``{"input_ids", "attention_mask"}`` batches."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SlicingError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(calibration, torch.Tensor):
+        ids = _check_ids(calibration, "calibration")
+        batches = [
+            CalibrationBatch(ids[i : i + batch_size], None) for i in range(0, ids.shape[0], batch_size)
+        ]
+    elif isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
+        raise SlicingError(
+            f"calibration must be a LongTensor of token ids (N, L) or an iterable of batches with 'input_ids', "
+            f"got {type(calibration).__name__}; tokenize text first (see hf_slicegpt.data.calibration_tokens)"
+        )
+    else:
+        batches = []
+        for i, item in enumerate(calibration):
+            if isinstance(item, torch.Tensor):
+                item = {"input_ids": item}
+            if not isinstance(item, Mapping) or "input_ids" not in item:
+                raise SlicingError(
+                    f"calibration batch {i} must be a dict with 'input_ids', got {type(item).__name__}"
+                )
+            ids = _check_ids(torch.as_tensor(item["input_ids"]), f"calibration batch {i}")
+            mask = item.get("attention_mask")
+            if mask is not None:
+                mask = torch.as_tensor(mask)
+                if mask.dim() == 1:
+                    mask = mask.unsqueeze(0)
+                if mask.shape != ids.shape:
+                    raise SlicingError(
+                        f"calibration batch {i}: attention_mask shape {tuple(mask.shape)} != input_ids shape "
+                        f"{tuple(ids.shape)}"
+                    )
+                mask = mask.to(torch.long)
+            batches.append(CalibrationBatch(ids, mask))
+    if not batches:
+        raise SlicingError("calibration is empty: pass at least one sequence of token ids")
+    for batch in batches:
+        if int(batch.input_ids.max()) >= vocab_size:
+            raise SlicingError(
+                f"calibration holds token id {int(batch.input_ids.max())} but the model's vocabulary has "
+                f"{vocab_size} entries; was it tokenized with this model's tokenizer?"
+            )
+    return batches
+
+
+def _check_ids(ids: torch.Tensor, what: str) -> torch.LongTensor:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise SlicingError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise SlicingError(
+            f"{what} must be a non-empty (N, L) tensor of token ids, got shape {tuple(ids.shape)}"
+        )
+    if int(ids.min()) < 0:
+        raise SlicingError(f"{what} holds negative token ids")
+    return ids.to(torch.long)
+
+
+@dataclass
+class SignalStats:
+    """What the calibration data looked like at one point of the residual stream."""
+
+    name: str
+    width: int
+    kept_width: int
+    explained_variance: float
+    eigenvalues: list[float] = field(repr=False)
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _to_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.to(device=device, dtype=dtype).contiguous())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.to(device=device, dtype=dtype).contiguous())
+    return linear
+
+
+class _Slicer:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        adapter: FamilyAdapter,
+        batches: list[CalibrationBatch],
+        *,
+        sparsity: float,
+        round_to: int,
+        device: torch.device,
+        slice_head: bool,
+        keep_tied: bool,
+        show_progress: bool,
+    ):
+        self.model = model
+        self.adapter = adapter
+        self.batches = batches
+        self.config = model.config
+        self.hidden = model.config.hidden_size
+        self.width = sliced_width(self.hidden, sparsity, round_to)
+        self.sparsity = sparsity
+        self.round_to = round_to
+        self.device = device
+        self.slice_head = slice_head
+        self.keep_tied = keep_tied
+        self.show_progress = show_progress
+        self.dtype = model.get_input_embeddings().weight.dtype
+        self.home = model.get_input_embeddings().weight.device
+        self.layer_norm = adapter.norm == "layer"
+        eps = getattr(self.config, adapter.norm_eps_attr, None)
+        self.eps = float(eps) if eps is not None else 1e-5
+        self.norm = SlicedRMSNorm(self.hidden, self.eps)
+        self.stats: list[SignalStats] = []
+
+    # -- bases ---------------------------------------------------------------------------------------------
+    def _basis(self, cov: Covariance, width: int) -> torch.Tensor:
+        cov.all_reduce()
+        values, vectors = eigenbasis(cov)
+        total = float(values.sum())
+        explained = float(values[:width].sum()) / total if total > 0 else 1.0
+        self.stats.append(SignalStats(cov.name, cov.width, width, explained, values.tolist()))
+        return vectors[:, :width].contiguous()
+
+    def _rotate_signals(self, signals: list[torch.Tensor], q: torch.Tensor) -> list[torch.Tensor]:
+        q32 = q.to(device=self.device, dtype=torch.float32)
+        return [(s.to(torch.float32) @ q32).to(self.dtype) for s in signals]
+
+    # -- weights -------------------------------------------------------------------------------------------
+    def _rotate_readers(
+        self, parent: nn.Module, names: tuple[str, ...], norm: nn.Module, q: torch.Tensor
+    ) -> None:
+        scale, shift = norm_parameters(norm, self.hidden)
+        for name in names:
+            linear = parent.get_submodule(name)
+            weight = linear.weight.detach().to("cpu", torch.float64)
+            bias = None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64)
+            weight, bias = fold_norm(weight, bias, scale, shift)
+            self._replace(parent, name, _to_linear(weight @ q, bias, self.dtype, self.device))
+
+    def _center_writer(self, parent: nn.Module, name: str) -> None:
+        linear = parent.get_submodule(name)
+        weight, bias = center_writer(
+            linear.weight.detach().to("cpu", torch.float64),
+            None if linear.bias is None else linear.bias.detach().to("cpu", torch.float64),
+        )
+        self._replace(parent, name, _to_linear(weight, bias, self.dtype, self.device))
+
+    def _rotate_writer(self, parent: nn.Module, name: str, q: torch.Tensor) -> None:
+        linear = parent.get_submodule(name)
+        weight = q.T @ linear.weight.detach().to("cpu", torch.float64)
+        bias = None if linear.bias is None else q.T @ linear.bias.detach().to("cpu", torch.float64)
+        self._replace(parent, name, _to_linear(weight, bias, self.dtype, self.device))
+
+    @staticmethod
+    def _replace(parent: nn.Module, name: str, module: nn.Module) -> None:
+        owner, _, attr = name.rpartition(".")
+        setattr(parent.get_submodule(owner) if owner else parent, attr, module)
+
+    def _shortcut(self, q_from: torch.Tensor, q_to: torch.Tensor) -> nn.Linear:
+        return _to_linear(q_to.T @ q_from, None, self.dtype, self.home)
+
+    # -- the passes ----------------------------------------------------------------------------------------
+    def _prepare_batches(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
+        """Embedding outputs (centred for LayerNorm families) and per-batch attention inputs."""
+        model, adapter = self.model, self.adapter
+        embed = model.get_submodule(adapter.embed_tokens)
+        table = embed.weight.detach().to(self.device)
+        if self.layer_norm:
+            table = center_rows(table.to(torch.float64)).to(self.dtype)
+        positions = None
+        if adapter.embed_positions is not None:
+            pos_module = model.get_submodule(adapter.embed_positions)
+            positions = pos_module.weight.detach().to(self.device)
+            if self.layer_norm:
+                positions = center_rows(positions.to(torch.float64)).to(self.dtype)
+            self.position_offset = int(getattr(pos_module, "offset", 0))
+        rotary = model.get_submodule(adapter.rotary_emb).to(self.device) if adapter.rotary_emb else None
+
+        signals, kwargs, masks = [], [], []
+        for batch in self.batches:
+            ids = batch.input_ids.to(self.device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
+            x = nn.functional.embedding(ids, table)
+            if positions is not None:
+                m = mask if mask is not None else torch.ones_like(ids)
+                position_ids = (torch.cumsum(m, dim=1) * m - 1).long()
+                x = x + nn.functional.embedding(position_ids + self.position_offset, positions)
+            else:
+                position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=x,
+                attention_mask=mask,
+                cache=None,
+                position_ids=position_ids,
+            )
+            entry: dict[str, Any] = {"attention_mask": causal_mask, "position_ids": position_ids}
+            if rotary is not None:
+                entry["position_embeddings"] = rotary(x, position_ids=position_ids)
+            signals.append(x)
+            kwargs.append(entry)
+            masks.append(mask)
+        return signals, kwargs, masks
+
+    def _covariance(
+        self, signals: list[torch.Tensor], masks: list[torch.Tensor | None], name: str
+    ) -> Covariance:
+        cov = Covariance(self.hidden, device=self.device, name=name)
+        for signal, mask in zip(signals, masks):
+            cov.add(signal, mask)
+        return cov
+
+    def _attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        output = attn(hidden_states=self.norm(x), **kwargs)
+        return output[0] if isinstance(output, tuple) else output
+
+    def _expand(self, signal: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """Map a sliced signal back to the full-width coordinates of the stream."""
+        return signal.to(torch.float32) @ q.T.to(device=self.device, dtype=torch.float32)
+
+    def _mlp_module(self, layer: nn.Module) -> nn.Module:
+        adapter = self.adapter
+        if adapter.mlp is not None:
+            return layer.get_submodule(adapter.mlp)
+        fc_in = layer.get_submodule(adapter.mlp_inputs[0])
+        fc_out = layer.get_submodule(adapter.mlp_output)
+        activation = getattr(self.config, adapter.mlp_activation_attr)
+        mlp = SlicedFeedForward(1, 1, 1, activation, bias=fc_in.bias is not None)
+        mlp.fc1, mlp.fc2 = fc_in, fc_out
+        return mlp
+
+    @torch.no_grad()
+    def run(self) -> SlicedModelForCausalLM:
+        model, adapter, config = self.model, self.adapter, self.config
+        model.eval()
+        layers = model.get_submodule(adapter.layers)
+        n = len(layers)
+        sequential = adapter.topology == "sequential"
+        head_width = self.width if self.slice_head else self.hidden
+        out_widths = [self.width] * (n - 1) + [head_width]
+
+        signals, kwargs, masks = self._prepare_batches()
+        q_in = self._basis(self._covariance(signals, masks, "embeddings"), self.width)
+        q_embed = q_in
+        signals = self._rotate_signals(signals, q_in)
+
+        attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts = [], [], [], []
+        attn_dims, mlp_dims = [], []
+        for idx in tqdm(range(n), desc="Slicing layers", unit="layer", disable=not self.show_progress):
+            layer = layers[idx].to(self.device)
+            attn = layer.get_submodule(adapter.attention)
+            mlp = self._mlp_module(layer)
+            attn_norm = layer.get_submodule(adapter.attn_norm)
+            self._rotate_readers(attn, adapter.attn_inputs, attn_norm, q_in)
+            mlp_readers = ("fc1",) if adapter.mlp is None else adapter.mlp_inputs
+            mlp_writer = "fc2" if adapter.mlp is None else adapter.mlp_output
+            if self.layer_norm:
+                self._center_writer(attn, adapter.attn_output)
+                self._center_writer(mlp, mlp_writer)
+            attn_dims.append(q_in.shape[1])
+
+            if sequential:
+                full = [
+                    self._expand(x, q_in) + self._attention(attn, x, kw) for x, kw in zip(signals, kwargs)
+                ]
+                q_mid = self._basis(
+                    self._covariance(full, masks, f"layer {idx} attention output"), self.width
+                )
+                self._rotate_writer(attn, adapter.attn_output, q_mid)
+                attn_shortcuts.append(self._shortcut(q_in, q_mid))
+                signals = self._rotate_signals(full, q_mid)
+                mlp_norm = layer.get_submodule(adapter.mlp_norm)
+                self._rotate_readers(mlp, mlp_readers, mlp_norm, q_mid)
+                mlp_dims.append(q_mid.shape[1])
+                full = [self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals]
+                q_out = self._basis(self._covariance(full, masks, f"layer {idx} output"), out_widths[idx])
+                self._rotate_writer(mlp, mlp_writer, q_out)
+                mlp_shortcuts.append(self._shortcut(q_mid, q_out))
+            else:
+                self._rotate_readers(mlp, mlp_readers, attn_norm, q_in)
+                full = []
+                for x, kw in zip(signals, kwargs):
+                    normed_out = self._attention(attn, x, kw) + mlp(self.norm(x))
+                    full.append(self._expand(x, q_in) + normed_out)
+                q_out = self._basis(self._covariance(full, masks, f"layer {idx} output"), out_widths[idx])
+                self._rotate_writer(attn, adapter.attn_output, q_out)
+                self._rotate_writer(mlp, mlp_writer, q_out)
+                attn_shortcuts.append(self._shortcut(q_in, q_out))
+            signals = self._rotate_signals(full, q_out)
+            del full
+            attn_modules.append(attn.to(self.home))
+            mlp_modules.append(mlp.to(self.home))
+            layers[idx] = nn.Identity()  # the dense block is consumed; free it
+            q_in = q_out
+
+        return self._assemble(
+            q_embed, q_in, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts, attn_dims, mlp_dims
+        )
+
+    def _assemble(
+        self, q_embed, q_head, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts, attn_dims, mlp_dims
+    ):
+        model, adapter, config = self.model, self.adapter, self.config
+        embed = model.get_submodule(adapter.embed_tokens)
+        lm_head = model.get_submodule(adapter.lm_head)
+        tied = lm_head.weight.data_ptr() == embed.weight.data_ptr()
+        shared = tied and self.keep_tied
+        table = embed.weight.detach().to("cpu", torch.float64)
+        centered = center_rows(table) if self.layer_norm else table
+        scale, shift = norm_parameters(model.get_submodule(adapter.final_norm), self.hidden)
+        head_bias = None if lm_head.bias is None else lm_head.bias.detach().to("cpu", torch.float64)
+        sequential = adapter.topology == "sequential"
+
+        sliced_config = SlicedConfig(
+            family_config=config,
+            topology=adapter.topology,
+            norm_divisor=self.hidden,
+            norm_eps=self.eps,
+            embedding_dim=q_embed.shape[1],
+            attn_input_dims=attn_dims,
+            mlp_input_dims=mlp_dims if sequential else None,
+            head_input_dim=q_head.shape[1],
+            attn_shortcuts=[True] * len(attn_dims),
+            mlp_shortcuts=[True] * len(attn_dims) if sequential else [],
+            embed_proj=shared,
+            head_proj=shared,
+            head_proj_bias=shared and shift is not None,
+            lm_head_bias=lm_head.bias is not None,
+            tie_word_embeddings=shared,
+            position_embedding_offset=getattr(self, "position_offset", None),
+            attention_class=_qualname(attn_modules[0]),
+            mlp_class=None if adapter.mlp is None else _qualname(mlp_modules[0]),
+            rotary_class=_qualname(model.get_submodule(adapter.rotary_emb)) if adapter.rotary_emb else None,
+            mlp_activation=getattr(config, adapter.mlp_activation_attr)
+            if adapter.mlp_activation_attr
+            else None,
+            attention_module="self_attn",
+            attn_input_names=list(adapter.attn_inputs),
+            attn_output_name=adapter.attn_output,
+            mlp_input_names=["fc1"] if adapter.mlp is None else list(adapter.mlp_inputs),
+            mlp_output_name="fc2" if adapter.mlp is None else adapter.mlp_output,
+            slicing={
+                "method": "slicegpt",
+                "rotation": "layer",
+                "schedule": "const",
+                "sparsity": self.sparsity,
+                "round_to": self.round_to,
+                "slice_head": self.slice_head,
+                "family": adapter.name,
+                "calibration_sequences": sum(b.input_ids.shape[0] for b in self.batches),
+                "calibration_tokens": sum(
+                    int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
+                    for b in self.batches
+                ),
+            },
+        )
+        with torch.device("meta"):
+            sliced = SlicedModelForCausalLM(sliced_config)
+
+        for idx, block in enumerate(sliced.model.layers):
+            block.self_attn = attn_modules[idx]
+            block.mlp = mlp_modules[idx]
+            block.attn_shortcut = attn_shortcuts[idx]
+            if sequential:
+                block.mlp_shortcut = mlp_shortcuts[idx]
+
+        vocab, padding_idx = table.shape[0], embed.padding_idx
+        if shared:
+            # One vocabulary matrix for both ends: the input side projects into the first basis (after
+            # centring, which is linear), the head projects the last basis back out through the final norm.
+            sliced.model.embed_tokens = embed
+            projection = q_embed.T
+            if self.layer_norm:
+                projection = projection - projection.mean(dim=1, keepdim=True)
+            sliced.model.embed_proj = _to_linear(projection, None, self.dtype, self.home)
+            sliced.head_proj = _to_linear(scale[:, None] * q_head, shift, self.dtype, self.home)
+            sliced.lm_head = lm_head
+            sliced.lm_head.weight = sliced.model.embed_tokens.weight
+        else:
+            new_embed = nn.Embedding(vocab, q_embed.shape[1], padding_idx, device="meta")
+            new_embed.weight = nn.Parameter((centered @ q_embed).to(self.home, self.dtype))
+            sliced.model.embed_tokens = new_embed
+            weight, bias = fold_norm(
+                lm_head.weight.detach().to("cpu", torch.float64), head_bias, scale, shift
+            )
+            sliced.lm_head = _to_linear(weight @ q_head, bias, self.dtype, self.home)
+
+        if adapter.embed_positions is not None:
+            positions = model.get_submodule(adapter.embed_positions).weight.detach().to("cpu", torch.float64)
+            if self.layer_norm:
+                positions = center_rows(positions)
+            table_pos = nn.Embedding(positions.shape[0], q_embed.shape[1], device="meta")
+            table_pos.weight = nn.Parameter((positions @ q_embed).to(self.home, self.dtype))
+            sliced.model.embed_positions = table_pos
+        if adapter.rotary_emb is not None:
+            sliced.model.rotary_emb = model.get_submodule(adapter.rotary_emb).to(self.home)
+
+        leftover = [
+            name for name, p in list(sliced.named_parameters()) + list(sliced.named_buffers()) if p.is_meta
+        ]
+        if leftover:
+            raise RuntimeError(f"internal error: sliced model has unassigned tensors {leftover}")
+        sliced.generation_config = model.generation_config
+        sliced.slicing_stats = self.stats
+        sliced.eval()
+        return sliced
+
+
+def slice_model(
+    model: PreTrainedModel,
+    calibration: torch.LongTensor | Iterable[Mapping[str, torch.Tensor]],
+    sparsity: float,
+    *,
+    round_to: int = 8,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    slice_head: bool = True,
+    keep_tied: bool = True,
+    show_progress: bool = True,
+) -> SlicedModelForCausalLM:
+    """Slice a causal LM with SliceGPT and return a :class:`SlicedModelForCausalLM`.
+
+    Args:
+        model: a transformers causal LM of a supported family (see ``hf_slicegpt.supported_model_types()``).
+            It is **consumed**: its modules are rotated and sliced in place and moved into the returned model,
+            so that a large model never exists twice in memory. Pass ``copy.deepcopy(model)`` to keep it.
+        calibration: token ids ``(N, L)``, or an iterable of batches ``{"input_ids", "attention_mask"}``.
+            Padding (``attention_mask == 0``) is left out of the covariances.
+        sparsity: the fraction of the hidden size removed, in ``[0, 1)``.
+        round_to: every sliced width is rounded down to a multiple of this, for kernel efficiency.
+        batch_size: calibration sequences per forward pass (for a tensor ``calibration``).
+        device: where layers are computed (default: the model's device). Each layer visits it in turn.
+        slice_head: also slice the head's input width; ``False`` keeps the last basis at full width.
+        keep_tied: a model with tied embeddings keeps one vocabulary matrix, stored once at full width with
+            small projections at both ends, instead of being untied (which would add ``vocab x hidden``).
+        show_progress: show a tqdm bar over layers.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> import hf_slicegpt
+    >>> dense = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, vocab_size=128))
+    >>> sliced = hf_slicegpt.slice_model(dense, torch.randint(0, 128, (8, 16)), sparsity=0.25)
+    >>> sliced.config.attn_input_dims, sliced.config.head_input_dim
+    ([24, 24], 24)
+    ```
+    """
+    sparsity = validate_sparsity(sparsity)
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise SlicingError(f"round_to must be a positive integer, got {round_to!r}")
+    adapter = get_adapter(model.config)
+    batches = calibration_batches(calibration, batch_size, model.config.vocab_size)
+    if device is None:
+        device = model.get_input_embeddings().weight.device
+    slicer = _Slicer(
+        model,
+        adapter,
+        batches,
+        sparsity=sparsity,
+        round_to=round_to,
+        device=torch.device(device),
+        slice_head=slice_head,
+        keep_tied=keep_tied,
+        show_progress=show_progress,
+    )
+    logger.info(
+        "Slicing %s (%d layers) from hidden size %d to %d",
+        adapter.name,
+        model.config.num_hidden_layers,
+        slicer.hidden,
+        slicer.width,
+    )
+    return slicer.run()
