@@ -299,7 +299,7 @@ class _Slicer:
 
     @torch.no_grad()
     def run(self) -> SlicedModelForCausalLM:
-        model, adapter, config = self.model, self.adapter, self.config
+        model, adapter = self.model, self.adapter
         model.eval()
         layers = model.get_submodule(adapter.layers)
         n = len(layers)

