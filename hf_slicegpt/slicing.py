@@ -35,7 +35,12 @@ def validate_sparsity(sparsity: Any) -> float:
     """Return ``sparsity`` as a float in ``[0, 1)``, or raise naming the value and the fix."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
         raise SlicingError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if 1 <= sparsity <= 100:
+    if sparsity == 1:
+        raise SlicingError(
+            f"sparsity={sparsity!r} would remove the whole hidden dimension; it must be in [0, 1) "
+            "(the fraction of the hidden size removed), e.g. 0.25"
+        )
+    if 1 < sparsity <= 100:
         raise SlicingError(
             f"sparsity={sparsity!r} looks like a percentage; pass the fraction of the hidden size to remove, "
             f"e.g. {sparsity / 100:g} for {sparsity:g}%"
