@@ -10,12 +10,19 @@ import torch
 from torch import nn
 
 
-def norm_parameters(norm: nn.Module, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scale ``g`` and shift ``b`` of a RMSNorm/LayerNorm, in float64 (``g`` = 1 if it has no weight)."""
+def norm_parameters(
+    norm: nn.Module, width: int, weight_offset: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scale ``g`` and shift ``b`` of a RMSNorm/LayerNorm, in float64 (``g`` = 1 if it has no weight).
+
+    ``weight_offset`` is for norms that multiply by ``weight + offset`` (Gemma's ``1 + w``).
+    """
     weight = getattr(norm, "weight", None)
     bias = getattr(norm, "bias", None)
     scale = (
-        torch.ones(width, dtype=torch.float64) if weight is None else weight.detach().to(torch.float64).cpu()
+        torch.ones(width, dtype=torch.float64)
+        if weight is None
+        else weight.detach().to(torch.float64).cpu() + weight_offset
     )
     shift = None if bias is None else bias.detach().to(torch.float64).cpu()
     return scale, shift

@@ -16,12 +16,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
-from transformers.masking_utils import create_causal_mask
 
 from .adapters import FamilyAdapter, get_adapter
 from .invariance import center_rows, center_writer, fold_norm, norm_parameters
 from .modeling.configuration_sliced import SlicedConfig
-from .modeling.modeling_sliced import SlicedFeedForward, SlicedModelForCausalLM, SlicedRMSNorm
+from .modeling.modeling_sliced import (
+    SlicedFeedForward,
+    SlicedModelForCausalLM,
+    SlicedRMSNorm,
+    attention_layer_kinds,
+    attention_masks,
+)
 from .pca import Covariance, eigenbasis
 
 logger = logging.getLogger(__name__)
@@ -202,7 +207,7 @@ class _Slicer:
     def _rotate_readers(
         self, parent: nn.Module, names: tuple[str, ...], norm: nn.Module, q: torch.Tensor
     ) -> None:
-        scale, shift = norm_parameters(norm, self.hidden)
+        scale, shift = norm_parameters(norm, self.hidden, self.adapter.norm_weight_offset)
         for name in names:
             linear = parent.get_submodule(name)
             weight = linear.weight.detach().to("cpu", torch.float64)
@@ -232,6 +237,12 @@ class _Slicer:
     def _shortcut(self, q_from: torch.Tensor, q_to: torch.Tensor) -> nn.Linear:
         return _to_linear(q_to.T @ q_from, None, self.dtype, self.home)
 
+    def _embedding_scale(self) -> float:
+        """The factor on the embedding output (1 for most families), rounded to the model dtype as applied."""
+        if self.adapter.embedding_scale is None:
+            return 1.0
+        return float(torch.tensor(self.adapter.embedding_scale(self.config), dtype=self.dtype))
+
     # -- the passes ----------------------------------------------------------------------------------------
     def _prepare_batches(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
         """Embedding outputs (centred for LayerNorm families) and per-batch attention inputs."""
@@ -248,25 +259,33 @@ class _Slicer:
                 positions = center_rows(positions.to(torch.float64)).to(self.dtype)
             self.position_offset = int(getattr(pos_module, "offset", 0))
         rotary = model.get_submodule(adapter.rotary_emb).to(self.device) if adapter.rotary_emb else None
+        embed_scale = self._embedding_scale()
+        self.layer_kinds = attention_layer_kinds(self.config)
 
         signals, kwargs, masks = [], [], []
         for batch in self.batches:
             ids = batch.input_ids.to(self.device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
             x = nn.functional.embedding(ids, table)
+            if embed_scale != 1.0:
+                x = x * embed_scale
             if positions is not None:
                 m = mask if mask is not None else torch.ones_like(ids)
                 position_ids = (torch.cumsum(m, dim=1) * m - 1).long()
                 x = x + nn.functional.embedding(position_ids + self.position_offset, positions)
             else:
                 position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            causal_mask = create_causal_mask(
-                config=self.config,
+            layer_masks = attention_masks(
+                self.config,
+                self.layer_kinds,
                 inputs_embeds=x,
                 attention_mask=mask,
                 cache=None,
                 position_ids=position_ids,
             )
+            # One kind for all layers (the common case) is a plain mask, as the family's own layers expect;
+            # mixed full/sliding layers keep one per kind, picked by ``_layer_kwargs``.
+            causal_mask = layer_masks[self.layer_kinds[0]] if len(layer_masks) == 1 else layer_masks
             entry: dict[str, Any] = {"attention_mask": causal_mask, "position_ids": position_ids}
             if rotary is not None:
                 entry["position_embeddings"] = rotary(x, position_ids=position_ids)
@@ -283,7 +302,15 @@ class _Slicer:
             cov.add(signal, mask)
         return cov
 
+    def _layer_kwargs(self, kwargs: dict[str, Any], layer_idx: int) -> dict[str, Any]:
+        """The attention inputs of layer ``layer_idx``: its own mask when full and sliding layers mix."""
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, dict):
+            return kwargs
+        return {**kwargs, "attention_mask": mask[self.layer_kinds[layer_idx]]}
+
     def _attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        kwargs = self._layer_kwargs(kwargs, attn.layer_idx)
         output = attn(hidden_states=self.norm(x), **kwargs)
         return output[0] if isinstance(output, tuple) else output
 
@@ -350,7 +377,9 @@ class _Slicer:
                 self._rotate_writer(mlp, mlp_writer, q_out)
                 mlp_shortcuts.append(self._shortcut(q_mid, q_out))
             else:
-                self._rotate_readers(mlp, mlp_readers, attn_norm, q_in)
+                # The MLP of a parallel block reads the attention norm's output, or its own norm of the same input.
+                mlp_norm = layer.get_submodule(adapter.mlp_norm) if adapter.mlp_norm else attn_norm
+                self._rotate_readers(mlp, mlp_readers, mlp_norm, q_in)
                 full = []
                 for x, kw in zip(signals, kwargs):
                     normed_out = self._attention(attn, x, kw) + mlp(self.norm(x))
@@ -380,7 +409,12 @@ class _Slicer:
         shared = tied and self.keep_tied
         table = embed.weight.detach().to("cpu", torch.float64)
         centered = center_rows(table) if self.layer_norm else table
-        scale, shift = norm_parameters(model.get_submodule(adapter.final_norm), self.hidden)
+        scale, shift = norm_parameters(
+            model.get_submodule(adapter.final_norm), self.hidden, adapter.norm_weight_offset
+        )
+        # The input side reads the table times the family's embedding scale; a tied head reads it unscaled.
+        embed_scale = self._embedding_scale()
+        centered = centered * embed_scale
         head_bias = None if lm_head.bias is None else lm_head.bias.detach().to("cpu", torch.float64)
         sequential = adapter.topology == "sequential"
 
@@ -408,6 +442,7 @@ class _Slicer:
             if adapter.mlp_activation_attr
             else None,
             attention_module="self_attn",
+            attention_cache_kwarg=adapter.attn_cache_kwarg,
             attn_input_names=list(adapter.attn_inputs),
             attn_output_name=adapter.attn_output,
             mlp_input_names=["fc1"] if adapter.mlp is None else list(adapter.mlp_inputs),
@@ -441,8 +476,11 @@ class _Slicer:
         if shared:
             # One vocabulary matrix for both ends: the input side projects into the first basis (after
             # centring, which is linear), the head projects the last basis back out through the final norm.
-            sliced.model.embed_tokens = embed
-            projection = q_embed.T
+            # A plain embedding sharing the table: the family's module may add its own behaviour (Gemma scales
+            # its output), which the projection below already folds in.
+            sliced.model.embed_tokens = nn.Embedding(vocab, self.hidden, padding_idx, device="meta")
+            sliced.model.embed_tokens.weight = embed.weight
+            projection = q_embed.T * embed_scale
             if self.layer_norm:
                 projection = projection - projection.mean(dim=1, keepdim=True)
             sliced.model.embed_proj = _to_linear(projection, None, self.dtype, self.home)

@@ -76,6 +76,8 @@ class SlicedConfig(PreTrainedConfig):
     rotary_class: str | None = None
     mlp_activation: str | None = None
     attention_module: str = "self_attn"
+    # The keyword under which the family's attention module takes the KV cache (GPT-NeoX: ``layer_past``).
+    attention_cache_kwarg: str = "cache"
     attn_input_names: list[str] | None = None
     attn_output_name: str | None = None
     mlp_input_names: list[str] | None = None

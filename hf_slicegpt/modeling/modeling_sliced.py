@@ -11,13 +11,14 @@ This file is shipped beside sliced checkpoints as remote code, so it imports onl
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
@@ -62,6 +63,36 @@ def _resize_linear(
     )
     owner_name, _, attr = name.rpartition(".")
     setattr(parent.get_submodule(owner_name) if owner_name else parent, attr, new)
+
+
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
+def attention_layer_kinds(family_config) -> list[str]:
+    """The attention kind of every layer, read from the family config, never from the family's name.
+
+    ``layer_types`` when the config has them (Qwen2/3 mix full and sliding layers); otherwise every layer uses
+    a sliding window when ``sliding_window`` is set (Mistral, Phi-3) and full causal attention when it is not.
+    """
+    n = family_config.num_hidden_layers
+    layer_types = getattr(family_config, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(family_config, "sliding_window", None) is not None
+        return ["sliding_attention" if sliding else "full_attention"] * n
+    unknown = sorted(set(layer_types) - set(_MASK_BUILDERS))
+    if unknown:
+        raise ValueError(
+            f"layer_types {unknown} are not supported by the sliced model; supported: {sorted(_MASK_BUILDERS)}"
+        )
+    return list(layer_types)
+
+
+def attention_masks(family_config, kinds: list[str], **mask_kwargs: Any) -> dict[str, Any]:
+    """One attention mask per layer kind in ``kinds`` (``mask_kwargs`` as for ``create_causal_mask``)."""
+    return {kind: _MASK_BUILDERS[kind](config=family_config, **mask_kwargs) for kind in dict.fromkeys(kinds)}
 
 
 class SlicedRMSNorm(nn.Module):
@@ -118,6 +149,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
 
         self.input_layernorm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
         self.self_attn = _family_class(config.attention_class)(config=family, layer_idx=layer_idx)
+        self.cache_kwarg = config.attention_cache_kwarg
         for name in config.attn_input_names:
             _resize_linear(self.self_attn, name, in_features=d_in)
         _resize_linear(self.self_attn, config.attn_output_name, out_features=attn_writes)
@@ -148,6 +180,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     def _attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs.get("position_embeddings") is None:
             kwargs.pop("position_embeddings", None)
+        if self.cache_kwarg != "cache":
+            kwargs[self.cache_kwarg] = kwargs.pop("cache", None)
         output = self.self_attn(hidden_states=hidden_states, **kwargs)
         return output[0] if isinstance(output, tuple) else output
 
@@ -215,6 +249,8 @@ class SlicedModel(SlicedPreTrainedModel):
         self.layers = nn.ModuleList(
             [SlicedDecoderLayer(config, layer_idx) for layer_idx in range(family.num_hidden_layers)]
         )
+        # Full or sliding-window attention per layer, as the family's own model masks them.
+        self.layer_kinds = attention_layer_kinds(family)
         self.norm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
@@ -272,8 +308,9 @@ class SlicedModel(SlicedPreTrainedModel):
             position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config.family_config,
+        masks = attention_masks(
+            self.config.family_config,
+            self.layer_kinds,
             inputs_embeds=hidden_states,
             attention_mask=attention_mask,
             cache=cache,
@@ -283,10 +320,10 @@ class SlicedModel(SlicedPreTrainedModel):
             self.rotary_emb(hidden_states, position_ids=position_ids) if self.rotary_emb else None
         )
 
-        for layer in self.layers:
+        for layer, kind in zip(self.layers, self.layer_kinds):
             hidden_states = layer(
                 hidden_states,
-                attention_mask=causal_mask,
+                attention_mask=masks[kind],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,
