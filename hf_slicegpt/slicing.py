@@ -40,12 +40,7 @@ def validate_sparsity(sparsity: Any) -> float:
     """Return ``sparsity`` as a float in ``[0, 1)``, or raise naming the value and the fix."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
         raise SlicingError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if sparsity == 1:
-        raise SlicingError(
-            f"sparsity={sparsity!r} would remove the whole hidden dimension; it must be in [0, 1) "
-            "(the fraction of the hidden size removed), e.g. 0.25"
-        )
-    if 1 < sparsity <= 100:
+    if 1 <= sparsity <= 100:
         raise SlicingError(
             f"sparsity={sparsity!r} looks like a percentage; pass the fraction of the hidden size to remove, "
             f"e.g. {sparsity / 100:g} for {sparsity:g}%"
@@ -143,6 +138,48 @@ class SignalStats:
     eigenvalues: list[float] = field(repr=False)
 
 
+ROTATIONS = ("layer", "global")
+SCHEDULES = ("const", "variance")
+MID_BASES = ("auto", "own", "shared")
+TIED_MODES = ("auto", "project", "slice", "untie")
+
+
+@dataclass
+class WidthPlan:
+    """Every residual-stream width of the sliced model, decided before any weight is touched.
+
+    ``shared_mid[l]`` means the MLP of sequential block ``l`` reads the block's input basis, so the attention
+    residual needs no shortcut matrix (one ``d x d`` matrix fewer per block).
+    """
+
+    embedding: int
+    outputs: list[int]
+    mids: list[int]
+    shared_mid: list[bool]
+
+    @property
+    def inputs(self) -> list[int]:
+        return [self.embedding, *self.outputs[:-1]]
+
+    @property
+    def head(self) -> int:
+        return self.outputs[-1]
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    """Residual-side sizes of one block: total output features of its readers, input features of writers."""
+
+    attn_readers: int
+    attn_writer: int
+    mlp_readers: int
+    mlp_writer: int
+
+    @property
+    def dense(self) -> int:
+        return self.attn_readers + self.attn_writer + self.mlp_readers + self.mlp_writer
+
+
 def _qualname(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -156,6 +193,10 @@ def _to_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dty
     return linear
 
 
+def _block_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
 class _Slicer:
     def __init__(
         self,
@@ -167,7 +208,10 @@ class _Slicer:
         round_to: int,
         device: torch.device,
         slice_head: bool,
-        keep_tied: bool,
+        tied_embeddings: str,
+        rotation: str,
+        schedule: str,
+        mid_basis: str,
         show_progress: bool,
     ):
         self.model = model
@@ -180,15 +224,167 @@ class _Slicer:
         self.round_to = round_to
         self.device = device
         self.slice_head = slice_head
-        self.keep_tied = keep_tied
+        self.rotation = rotation
+        self.schedule = schedule
+        self.mid_basis = mid_basis
         self.show_progress = show_progress
-        self.dtype = model.get_input_embeddings().weight.dtype
-        self.home = model.get_input_embeddings().weight.device
+        self.sequential = adapter.topology == "sequential"
+        embed = model.get_submodule(adapter.embed_tokens)
+        lm_head = model.get_submodule(adapter.lm_head)
+        self.tied = lm_head.weight.data_ptr() == embed.weight.data_ptr()
+        if tied_embeddings == "auto":
+            # One basis everywhere lets the vocabulary matrix be sliced once for both ends; per-layer bases
+            # keep it at full width with small projections, which is exact.
+            tied_embeddings = "slice" if rotation == "global" and adapter.norm == "rms" else "project"
+        if tied_embeddings == "slice" and adapter.norm != "rms":
+            raise SlicingError(
+                f"tied_embeddings='slice' needs an RMSNorm family, and {adapter.name} uses LayerNorm: the head "
+                "reads the uncentred vocabulary matrix, which a centred slice cannot give exactly. "
+                "Use tied_embeddings='project' (the default)."
+            )
+        self.tied_mode = tied_embeddings if self.tied else "untie"
+        self.dtype = embed.weight.dtype
+        self.home = embed.weight.device
         self.layer_norm = adapter.norm == "layer"
         eps = getattr(self.config, adapter.norm_eps_attr, None)
         self.eps = float(eps) if eps is not None else 1e-5
         self.norm = SlicedRMSNorm(self.hidden, self.eps)
         self.stats: list[SignalStats] = []
+        self.global_basis: torch.Tensor | None = None
+        self._global_slices: dict[int, torch.Tensor] = {}
+        self.position_offset: int | None = None
+
+    # -- plan ----------------------------------------------------------------------------------------------
+    def _block_shapes(self) -> list[_BlockShape]:
+        adapter = self.adapter
+        shapes = []
+        for layer in self.model.get_submodule(adapter.layers):
+            attn = layer.get_submodule(adapter.attention)
+            mlp_owner = layer if adapter.mlp is None else layer.get_submodule(adapter.mlp)
+            shapes.append(
+                _BlockShape(
+                    attn_readers=sum(attn.get_submodule(n).out_features for n in adapter.attn_inputs),
+                    attn_writer=attn.get_submodule(adapter.attn_output).in_features,
+                    mlp_readers=sum(mlp_owner.get_submodule(n).out_features for n in adapter.mlp_inputs),
+                    mlp_writer=mlp_owner.get_submodule(adapter.mlp_output).in_features,
+                )
+            )
+        return shapes
+
+    def _layer_params(self, plan: WidthPlan, shapes: list[_BlockShape]) -> int:
+        """Width-dependent parameters of the blocks under ``plan`` (shortcuts included)."""
+        total = 0
+        for idx, shape in enumerate(shapes):
+            d_in, d_out = plan.inputs[idx], plan.outputs[idx]
+            if self.sequential:
+                d_mid = plan.mids[idx]
+                total += shape.attn_readers * d_in + shape.attn_writer * d_mid
+                total += shape.mlp_readers * d_mid + shape.mlp_writer * d_out + d_mid * d_out
+                total += 0 if plan.shared_mid[idx] else d_in * d_mid
+            else:
+                total += (shape.attn_readers + shape.mlp_readers) * d_in
+                total += (shape.attn_writer + shape.mlp_writer) * d_out + d_in * d_out
+        return total
+
+    def _decide_mids(self, plan: WidthPlan, shapes: list[_BlockShape]) -> WidthPlan:
+        """Share the block input basis with the MLP where a second shortcut would outweigh what slicing saves."""
+        if not self.sequential:
+            return plan
+        for idx, shape in enumerate(shapes):
+            d_in, d_mid, d_out = plan.inputs[idx], plan.mids[idx], plan.outputs[idx]
+            own = (
+                shape.attn_readers * d_in
+                + (shape.attn_writer + shape.mlp_readers) * d_mid
+                + shape.mlp_writer * d_out
+                + d_in * d_mid
+                + d_mid * d_out
+            )
+            share = self.mid_basis == "shared" or (
+                self.mid_basis == "auto" and own >= shape.dense * self.hidden
+            )
+            plan.shared_mid[idx] = share
+            if share:
+                plan.mids[idx] = d_in
+        return plan
+
+    def _const_plan(self, n: int) -> WidthPlan:
+        head = self.width if self.slice_head else self.hidden
+        return WidthPlan(self.width, [self.width] * (n - 1) + [head], [self.width] * n, [False] * n)
+
+    def _variance_plan(self, spectra: dict[str, torch.Tensor], shapes: list[_BlockShape]) -> WidthPlan:
+        """Smallest widths explaining a common variance fraction, with the fraction set by the budget."""
+        n = len(shapes)
+        budget = self._layer_params(self._decide_mids(self._const_plan(n), shapes), shapes)
+
+        def width(name: str, fraction: float, cap: int) -> int:
+            values = spectra[name]
+            cumulative = torch.cumsum(values, 0) / values.sum().clamp_min(1e-30)
+            k = int(torch.searchsorted(cumulative, torch.tensor(fraction, dtype=cumulative.dtype))) + 1
+            k = math.ceil(k / self.round_to) * self.round_to
+            return max(self.round_to, min(k, cap))
+
+        def plan_for(fraction: float) -> WidthPlan:
+            outputs = [width(f"layer {i} output", fraction, self.hidden) for i in range(n)]
+            if not self.slice_head:
+                outputs[-1] = self.hidden
+            mids = [
+                width(f"layer {i} attention output", fraction, self.hidden) if self.sequential else 0
+                for i in range(n)
+            ]
+            plan = WidthPlan(width("embeddings", fraction, self.hidden), outputs, mids, [False] * n)
+            return self._decide_mids(plan, shapes)
+
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            mid = (low + high) / 2
+            if self._layer_params(plan_for(mid), shapes) <= budget:
+                low = mid
+            else:
+                high = mid
+        self.variance_fraction = low
+        return plan_for(low)
+
+    # -- dense statistics (global rotation, variance schedule) ---------------------------------------------
+    @torch.no_grad()
+    def _dense_statistics(self, keep_spectra: bool, keep_sum: bool):
+        """One pass of the dense model: per-signal spectra and/or the sum of all signal covariances."""
+        adapter = self.adapter
+        signals, kwargs, masks = self._prepare_batches()
+        total = Covariance(self.hidden, device=self.device, name="all signals") if keep_sum else None
+        spectra: dict[str, torch.Tensor] = {}
+
+        def record(name: str, batch_signals: list[torch.Tensor]) -> None:
+            cov = Covariance(self.hidden, device=self.device, name=name)
+            for signal, mask in zip(batch_signals, masks):
+                centred = signal - signal.mean(-1, keepdim=True) if self.layer_norm else signal
+                cov.add(centred, mask)
+            cov.all_reduce()
+            if keep_sum:
+                total.sum += cov.sum
+                total.tokens += cov.tokens
+            if keep_spectra:
+                spectra[name] = eigenbasis(cov)[0]
+
+        record("embeddings", signals)
+        layers = self.model.get_submodule(adapter.layers)
+        for idx in tqdm(
+            range(len(layers)), desc="Dense statistics", unit="layer", disable=not self.show_progress
+        ):
+            layer = layers[idx].to(self.device)
+            attn_out: list[torch.Tensor] = []
+            hook = layer.get_submodule(adapter.attention).register_forward_hook(
+                lambda _m, _i, out, sink=attn_out: sink.append(_block_output(out))
+            )
+            try:
+                outputs = [_block_output(layer(x, **kw)) for x, kw in zip(signals, kwargs)]
+            finally:
+                hook.remove()
+            if self.sequential:
+                record(f"layer {idx} attention output", [x + a for x, a in zip(signals, attn_out)])
+            record(f"layer {idx} output", outputs)
+            signals = outputs
+            layers[idx].to(self.home)
+        return spectra, total
 
     # -- bases ---------------------------------------------------------------------------------------------
     def _basis(self, cov: Covariance, width: int) -> torch.Tensor:
@@ -198,6 +394,12 @@ class _Slicer:
         explained = float(values[:width].sum()) / total if total > 0 else 1.0
         self.stats.append(SignalStats(cov.name, cov.width, width, explained, values.tolist()))
         return vectors[:, :width].contiguous()
+
+    def _next_basis(self, signals: list[torch.Tensor] | None, masks, name: str, width: int) -> torch.Tensor:
+        if self.global_basis is not None:
+            # The same tensor object for the same width, so shortcuts between equal bases become identities.
+            return self._global_slices.setdefault(width, self.global_basis[:, :width].contiguous())
+        return self._basis(self._covariance(signals, masks, name), width)
 
     def _rotate_signals(self, signals: list[torch.Tensor], q: torch.Tensor) -> list[torch.Tensor]:
         q32 = q.to(device=self.device, dtype=torch.float32)
@@ -234,7 +436,10 @@ class _Slicer:
         owner, _, attr = name.rpartition(".")
         setattr(parent.get_submodule(owner) if owner else parent, attr, module)
 
-    def _shortcut(self, q_from: torch.Tensor, q_to: torch.Tensor) -> nn.Linear:
+    def _shortcut(self, q_from: torch.Tensor, q_to: torch.Tensor) -> nn.Linear | None:
+        """The residual's change of basis; ``None`` (identity) when both ends share the basis."""
+        if q_from is q_to:
+            return None
         return _to_linear(q_to.T @ q_from, None, self.dtype, self.home)
 
     def _embedding_scale(self) -> float:
@@ -311,8 +516,7 @@ class _Slicer:
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         kwargs = self._layer_kwargs(kwargs, attn.layer_idx)
-        output = attn(hidden_states=self.norm(x), **kwargs)
-        return output[0] if isinstance(output, tuple) else output
+        return _block_output(attn(hidden_states=self.norm(x), **kwargs))
 
     def _expand(self, signal: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Map a sliced signal back to the full-width coordinates of the stream."""
@@ -335,78 +539,111 @@ class _Slicer:
         model.eval()
         layers = model.get_submodule(adapter.layers)
         n = len(layers)
-        sequential = adapter.topology == "sequential"
-        head_width = self.width if self.slice_head else self.hidden
-        out_widths = [self.width] * (n - 1) + [head_width]
+        shapes = self._block_shapes()
+        if self.rotation == "global" or self.schedule == "variance":
+            spectra, total = self._dense_statistics(self.schedule == "variance", self.rotation == "global")
+            if total is not None:
+                self.global_basis = self._basis(total, self.hidden)
+            plan = (
+                self._variance_plan(spectra, shapes) if self.schedule == "variance" else self._const_plan(n)
+            )
+        else:
+            plan = self._const_plan(n)
+        if self.rotation == "global":
+            plan.shared_mid = [True] * n
+        else:
+            plan = self._decide_mids(plan, shapes) if self.schedule == "const" else plan
+        self.plan = plan
 
-        signals, kwargs, masks = self._prepare_batches()
-        q_in = self._basis(self._covariance(signals, masks, "embeddings"), self.width)
+        # With a global basis nothing below needs the calibration signals: it only rotates weights.
+        need_signals = self.global_basis is None
+        signals, kwargs, masks = self._prepare_batches() if need_signals else (None, None, None)
+        q_in = self._next_basis(signals, masks, "embeddings", plan.embedding)
         q_embed = q_in
-        signals = self._rotate_signals(signals, q_in)
+        if need_signals:
+            signals = self._rotate_signals(signals, q_in)
 
         attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts = [], [], [], []
-        attn_dims, mlp_dims = [], []
+        mlp_readers = ("fc1",) if adapter.mlp is None else adapter.mlp_inputs
+        mlp_writer = "fc2" if adapter.mlp is None else adapter.mlp_output
         for idx in tqdm(range(n), desc="Slicing layers", unit="layer", disable=not self.show_progress):
             layer = layers[idx].to(self.device)
             attn = layer.get_submodule(adapter.attention)
             mlp = self._mlp_module(layer)
             attn_norm = layer.get_submodule(adapter.attn_norm)
             self._rotate_readers(attn, adapter.attn_inputs, attn_norm, q_in)
-            mlp_readers = ("fc1",) if adapter.mlp is None else adapter.mlp_inputs
-            mlp_writer = "fc2" if adapter.mlp is None else adapter.mlp_output
             if self.layer_norm:
                 self._center_writer(attn, adapter.attn_output)
                 self._center_writer(mlp, mlp_writer)
-            attn_dims.append(q_in.shape[1])
 
-            if sequential:
-                full = [
-                    self._expand(x, q_in) + self._attention(attn, x, kw) for x, kw in zip(signals, kwargs)
-                ]
-                q_mid = self._basis(
-                    self._covariance(full, masks, f"layer {idx} attention output"), self.width
-                )
+            full = None
+            if self.sequential:
+                if need_signals:
+                    full = [
+                        self._expand(x, q_in) + self._attention(attn, x, kw) for x, kw in zip(signals, kwargs)
+                    ]
+                if plan.shared_mid[idx]:
+                    q_mid = q_in
+                else:
+                    q_mid = self._next_basis(full, masks, f"layer {idx} attention output", plan.mids[idx])
                 self._rotate_writer(attn, adapter.attn_output, q_mid)
                 attn_shortcuts.append(self._shortcut(q_in, q_mid))
-                signals = self._rotate_signals(full, q_mid)
-                mlp_norm = layer.get_submodule(adapter.mlp_norm)
-                self._rotate_readers(mlp, mlp_readers, mlp_norm, q_mid)
-                mlp_dims.append(q_mid.shape[1])
-                full = [self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals]
-                q_out = self._basis(self._covariance(full, masks, f"layer {idx} output"), out_widths[idx])
+                self._rotate_readers(mlp, mlp_readers, layer.get_submodule(adapter.mlp_norm), q_mid)
+                if need_signals:
+                    signals = self._rotate_signals(full, q_mid)
+                    full = [self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals]
+                q_out = self._next_basis(full, masks, f"layer {idx} output", plan.outputs[idx])
                 self._rotate_writer(mlp, mlp_writer, q_out)
                 mlp_shortcuts.append(self._shortcut(q_mid, q_out))
             else:
                 # The MLP of a parallel block reads the attention norm's output, or its own norm of the same input.
                 mlp_norm = layer.get_submodule(adapter.mlp_norm) if adapter.mlp_norm else attn_norm
                 self._rotate_readers(mlp, mlp_readers, mlp_norm, q_in)
-                full = []
-                for x, kw in zip(signals, kwargs):
-                    normed_out = self._attention(attn, x, kw) + mlp(self.norm(x))
-                    full.append(self._expand(x, q_in) + normed_out)
-                q_out = self._basis(self._covariance(full, masks, f"layer {idx} output"), out_widths[idx])
+                if need_signals:
+                    full = [
+                        self._expand(x, q_in) + self._attention(attn, x, kw) + mlp(self.norm(x))
+                        for x, kw in zip(signals, kwargs)
+                    ]
+                q_out = self._next_basis(full, masks, f"layer {idx} output", plan.outputs[idx])
                 self._rotate_writer(attn, adapter.attn_output, q_out)
                 self._rotate_writer(mlp, mlp_writer, q_out)
                 attn_shortcuts.append(self._shortcut(q_in, q_out))
-            signals = self._rotate_signals(full, q_out)
+            if need_signals:
+                signals = self._rotate_signals(full, q_out)
             del full
             attn_modules.append(attn.to(self.home))
             mlp_modules.append(mlp.to(self.home))
             layers[idx] = nn.Identity()  # the dense block is consumed; free it
             q_in = q_out
 
-        return self._assemble(
-            q_embed, q_in, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts, attn_dims, mlp_dims
-        )
+        return self._assemble(q_embed, q_in, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts)
 
-    def _assemble(
-        self, q_embed, q_head, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts, attn_dims, mlp_dims
-    ):
-        model, adapter, config = self.model, self.adapter, self.config
+    def _settings(self) -> dict[str, Any]:
+        settings = {
+            "method": "slicegpt",
+            "rotation": self.rotation,
+            "schedule": self.schedule,
+            "mid_basis": self.mid_basis,
+            "tied_embeddings": self.tied_mode if self.tied else None,
+            "sparsity": self.sparsity,
+            "round_to": self.round_to,
+            "slice_head": self.slice_head,
+            "family": self.adapter.name,
+            "norm": self.adapter.norm,
+            "calibration_sequences": sum(b.input_ids.shape[0] for b in self.batches),
+            "calibration_tokens": sum(
+                int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
+                for b in self.batches
+            ),
+        }
+        if self.schedule == "variance":
+            settings["variance_fraction"] = self.variance_fraction
+        return settings
+
+    def _assemble(self, q_embed, q_head, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts):
+        model, adapter, config, plan = self.model, self.adapter, self.config, self.plan
         embed = model.get_submodule(adapter.embed_tokens)
         lm_head = model.get_submodule(adapter.lm_head)
-        tied = lm_head.weight.data_ptr() == embed.weight.data_ptr()
-        shared = tied and self.keep_tied
         table = embed.weight.detach().to("cpu", torch.float64)
         centered = center_rows(table) if self.layer_norm else table
         scale, shift = norm_parameters(
@@ -416,25 +653,27 @@ class _Slicer:
         embed_scale = self._embedding_scale()
         centered = centered * embed_scale
         head_bias = None if lm_head.bias is None else lm_head.bias.detach().to("cpu", torch.float64)
-        sequential = adapter.topology == "sequential"
+        mode = self.tied_mode
+        d_embed = q_embed.shape[1]
 
         sliced_config = SlicedConfig(
             family_config=config,
             topology=adapter.topology,
             norm_divisor=self.hidden,
             norm_eps=self.eps,
-            embedding_dim=q_embed.shape[1],
-            attn_input_dims=attn_dims,
-            mlp_input_dims=mlp_dims if sequential else None,
+            embedding_dim=d_embed,
+            attn_input_dims=plan.inputs,
+            mlp_input_dims=plan.mids if self.sequential else None,
             head_input_dim=q_head.shape[1],
-            attn_shortcuts=[True] * len(attn_dims),
-            mlp_shortcuts=[True] * len(attn_dims) if sequential else [],
-            embed_proj=shared,
-            head_proj=shared,
-            head_proj_bias=shared and shift is not None,
-            lm_head_bias=lm_head.bias is not None,
-            tie_word_embeddings=shared,
-            position_embedding_offset=getattr(self, "position_offset", None),
+            attn_shortcuts=[s is not None for s in attn_shortcuts],
+            mlp_shortcuts=[s is not None for s in mlp_shortcuts] if self.sequential else [],
+            embed_proj=mode == "project",
+            head_proj=mode in ("project", "slice"),
+            head_proj_dim=d_embed if mode == "slice" else self.hidden,
+            head_proj_bias=mode in ("project", "slice") and shift is not None,
+            lm_head_bias=head_bias is not None or (mode == "untie" and shift is not None),
+            tie_word_embeddings=mode in ("project", "slice"),
+            position_embedding_offset=self.position_offset,
             attention_class=_qualname(attn_modules[0]),
             mlp_class=None if adapter.mlp is None else _qualname(mlp_modules[0]),
             rotary_class=_qualname(model.get_submodule(adapter.rotary_emb)) if adapter.rotary_emb else None,
@@ -447,20 +686,7 @@ class _Slicer:
             attn_output_name=adapter.attn_output,
             mlp_input_names=["fc1"] if adapter.mlp is None else list(adapter.mlp_inputs),
             mlp_output_name="fc2" if adapter.mlp is None else adapter.mlp_output,
-            slicing={
-                "method": "slicegpt",
-                "rotation": "layer",
-                "schedule": "const",
-                "sparsity": self.sparsity,
-                "round_to": self.round_to,
-                "slice_head": self.slice_head,
-                "family": adapter.name,
-                "calibration_sequences": sum(b.input_ids.shape[0] for b in self.batches),
-                "calibration_tokens": sum(
-                    int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
-                    for b in self.batches
-                ),
-            },
+            slicing=self._settings(),
         )
         with torch.device("meta"):
             sliced = SlicedModelForCausalLM(sliced_config)
@@ -469,13 +695,14 @@ class _Slicer:
             block.self_attn = attn_modules[idx]
             block.mlp = mlp_modules[idx]
             block.attn_shortcut = attn_shortcuts[idx]
-            if sequential:
+            if self.sequential:
                 block.mlp_shortcut = mlp_shortcuts[idx]
 
         vocab, padding_idx = table.shape[0], embed.padding_idx
-        if shared:
-            # One vocabulary matrix for both ends: the input side projects into the first basis (after
-            # centring, which is linear), the head projects the last basis back out through the final norm.
+        if mode == "project":
+            # One vocabulary matrix for both ends, at full width: the input side projects it into the first
+            # basis (after centring, which is linear), the head projects the last basis back out through the
+            # final norm. Exact, at the cost of two small hidden x width matrices.
             # A plain embedding sharing the table: the family's module may add its own behaviour (Gemma scales
             # its output), which the projection below already folds in.
             sliced.model.embed_tokens = nn.Embedding(vocab, self.hidden, padding_idx, device="meta")
@@ -488,19 +715,31 @@ class _Slicer:
             sliced.lm_head = lm_head
             sliced.lm_head.weight = sliced.model.embed_tokens.weight
         else:
-            new_embed = nn.Embedding(vocab, q_embed.shape[1], padding_idx, device="meta")
+            new_embed = nn.Embedding(vocab, d_embed, padding_idx, device="meta")
             new_embed.weight = nn.Parameter((centered @ q_embed).to(self.home, self.dtype))
             sliced.model.embed_tokens = new_embed
-            weight, bias = fold_norm(
-                lm_head.weight.detach().to("cpu", torch.float64), head_bias, scale, shift
-            )
-            sliced.lm_head = _to_linear(weight @ q_head, bias, self.dtype, self.home)
+            if mode == "slice":
+                # The vocabulary matrix is sliced once, in the embedding basis; the head maps the last basis
+                # (through the final norm) into it with one small width x width matrix.
+                head_map = q_embed.T @ (scale[:, None] * q_head)
+                head_shift = None if shift is None else q_embed.T @ shift
+                sliced.head_proj = _to_linear(head_map, head_shift, self.dtype, self.home)
+                head = nn.Linear(d_embed, vocab, bias=head_bias is not None, device="meta")
+                head.weight = sliced.model.embed_tokens.weight
+                if head_bias is not None:
+                    head.bias = nn.Parameter(head_bias.to(self.home, self.dtype))
+                sliced.lm_head = head
+            else:
+                weight, bias = fold_norm(
+                    lm_head.weight.detach().to("cpu", torch.float64), head_bias, scale, shift
+                )
+                sliced.lm_head = _to_linear(weight @ q_head, bias, self.dtype, self.home)
 
         if adapter.embed_positions is not None:
             positions = model.get_submodule(adapter.embed_positions).weight.detach().to("cpu", torch.float64)
             if self.layer_norm:
                 positions = center_rows(positions)
-            table_pos = nn.Embedding(positions.shape[0], q_embed.shape[1], device="meta")
+            table_pos = nn.Embedding(positions.shape[0], d_embed, device="meta")
             table_pos.weight = nn.Parameter((positions @ q_embed).to(self.home, self.dtype))
             sliced.model.embed_positions = table_pos
         if adapter.rotary_emb is not None:
@@ -517,6 +756,12 @@ class _Slicer:
         return sliced
 
 
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SlicingError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
 def slice_model(
     model: PreTrainedModel,
     calibration: torch.LongTensor | Iterable[Mapping[str, torch.Tensor]],
@@ -526,7 +771,10 @@ def slice_model(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     slice_head: bool = True,
-    keep_tied: bool = True,
+    rotation: str = "layer",
+    schedule: str = "const",
+    mid_basis: str = "auto",
+    tied_embeddings: str = "auto",
     show_progress: bool = True,
 ) -> SlicedModelForCausalLM:
     """Slice a causal LM with SliceGPT and return a :class:`SlicedModelForCausalLM`.
@@ -538,13 +786,24 @@ def slice_model(
         calibration: token ids ``(N, L)``, or an iterable of batches ``{"input_ids", "attention_mask"}``.
             Padding (``attention_mask == 0``) is left out of the covariances.
         sparsity: the fraction of the hidden size removed, in ``[0, 1)``.
-        round_to: every sliced width is rounded down to a multiple of this, for kernel efficiency.
+        round_to: every sliced width is rounded to a multiple of this, for kernel efficiency.
         batch_size: calibration sequences per forward pass (for a tensor ``calibration``).
         device: where layers are computed (default: the model's device). Each layer visits it in turn.
         slice_head: also slice the head's input width; ``False`` keeps the last basis at full width.
-        keep_tied: a model with tied embeddings keeps one vocabulary matrix, stored once at full width with
-            small projections at both ends, instead of being untied (which would add ``vocab x hidden``).
-        show_progress: show a tqdm bar over layers.
+        rotation: ``"layer"`` (the paper: a basis per signal, computed through the already-sliced layers) or
+            ``"global"`` (one basis for the whole residual stream: no shortcut matrices, and RMSNorm families
+            can be exported to their own architecture with :func:`hf_slicegpt.export_native`).
+        schedule: ``"const"`` (every width the same) or ``"variance"`` (each signal keeps the smallest width
+            explaining a common fraction of its variance, with the fraction set so the parameter budget equals
+            the const schedule's at this sparsity).
+        mid_basis: for sequential blocks, ``"own"`` gives the MLP input its own basis (the paper, two shortcuts
+            per block), ``"shared"`` reuses the block input's (one shortcut), ``"auto"`` shares only where the
+            second shortcut would make the block larger than the dense one.
+        tied_embeddings: for a model with tied embeddings, ``"project"`` keeps the vocabulary matrix at full
+            width with small projections at both ends (exact), ``"slice"`` slices it once in the embedding
+            basis with a small map in front of the head, ``"untie"`` unties it (the reference's behaviour,
+            adds ``vocab x width``); ``"auto"`` is ``"slice"`` for global rotation and ``"project"`` otherwise.
+        show_progress: show tqdm bars.
 
     Example:
 
@@ -562,6 +821,14 @@ def slice_model(
     sparsity = validate_sparsity(sparsity)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise SlicingError(f"round_to must be a positive integer, got {round_to!r}")
+    rotation = _choice("rotation", rotation, ROTATIONS)
+    schedule = _choice("schedule", schedule, SCHEDULES)
+    mid_basis = _choice("mid_basis", mid_basis, MID_BASES)
+    tied_embeddings = _choice("tied_embeddings", tied_embeddings, TIED_MODES)
+    if rotation == "global" and schedule != "const":
+        raise SlicingError("rotation='global' uses one width everywhere; use schedule='const' with it")
+    if rotation == "global" and not slice_head:
+        raise SlicingError("rotation='global' slices the head with the same basis; drop slice_head=False")
     adapter = get_adapter(model.config)
     batches = calibration_batches(calibration, batch_size, model.config.vocab_size)
     if device is None:
@@ -574,13 +841,18 @@ def slice_model(
         round_to=round_to,
         device=torch.device(device),
         slice_head=slice_head,
-        keep_tied=keep_tied,
+        tied_embeddings=tied_embeddings,
+        rotation=rotation,
+        schedule=schedule,
+        mid_basis=mid_basis,
         show_progress=show_progress,
     )
     logger.info(
-        "Slicing %s (%d layers) from hidden size %d to %d",
+        "Slicing %s (%d layers, %s rotation, %s schedule) from hidden size %d to %d",
         adapter.name,
         model.config.num_hidden_layers,
+        rotation,
+        schedule,
         slicer.hidden,
         slicer.width,
     )

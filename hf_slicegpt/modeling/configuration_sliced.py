@@ -67,6 +67,7 @@ class SlicedConfig(PreTrainedConfig):
     mlp_shortcuts: list[bool] | None = None
     embed_proj: bool = False
     head_proj: bool = False
+    head_proj_dim: int | None = None
     head_proj_bias: bool = False
     lm_head_bias: bool = False
     tie_word_embeddings: bool = False
@@ -105,6 +106,8 @@ class SlicedConfig(PreTrainedConfig):
             self.embedding_dim = self.attn_input_dims[0] if self.attn_input_dims else family.hidden_size
         if self.head_input_dim is None:
             self.head_input_dim = family.hidden_size
+        if self.head_proj_dim is None:
+            self.head_proj_dim = self.norm_divisor
         if self.topology == "sequential" and self.mlp_input_dims is None:
             self.mlp_input_dims = [family.hidden_size] * n
         if self.attn_shortcuts is None:

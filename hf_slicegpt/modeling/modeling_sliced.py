@@ -359,8 +359,11 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         vocab = config.family_config.vocab_size
         self.vocab_size = vocab
         if config.head_proj:
-            self.head_proj = nn.Linear(config.head_input_dim, config.norm_divisor, bias=config.head_proj_bias)
-            head_width = config.norm_divisor
+            # Maps the last basis through the final norm's scale into the (tied) vocabulary matrix's space.
+            self.head_proj = nn.Linear(
+                config.head_input_dim, config.head_proj_dim, bias=config.head_proj_bias
+            )
+            head_width = config.head_proj_dim
         else:
             self.head_proj = None
             head_width = config.head_input_dim
