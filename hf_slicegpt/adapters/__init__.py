@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .base import FamilyAdapter, UnsupportedModelError
+from .base import SUPPORTED_LAYER_TYPES, FamilyAdapter, UnsupportedModelError, check_layer_types
+from .gemma import GEMMA, GEMMA_REFUSED
+from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .mistral import MISTRAL
 from .opt import OPT
 from .phi import PHI
+from .phi3 import PHI3
+from .qwen import QWEN2, QWEN3
 
 _REGISTRY: dict[str, FamilyAdapter] = {}
+# model_types that are known and cannot be sliced exactly, with the reason (shown to the user).
+_REFUSED: dict[str, str] = {}
 
 
 def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
@@ -20,43 +27,71 @@ def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
                 f"model_type {model_type!r} already has the adapter {_REGISTRY[model_type].name!r}"
             )
         _REGISTRY[model_type] = adapter
+        _REFUSED.pop(model_type, None)
     return adapter
 
 
-for _adapter in (LLAMA, OPT, PHI):
+def refuse_model_type(model_type: str, reason: str) -> None:
+    """Declare a known ``model_type`` unsliceable, so users get ``reason`` instead of "unsupported"."""
+    if model_type in _REGISTRY:
+        raise ValueError(f"model_type {model_type!r} has the adapter {_REGISTRY[model_type].name!r}")
+    _REFUSED[model_type] = reason
+
+
+for _adapter in (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA, GPT_NEOX, OPT, PHI):
     register_adapter(_adapter)
+for _model_type, _reason in GEMMA_REFUSED.items():
+    refuse_model_type(_model_type, _reason)
 
 
 def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def refused_model_types() -> dict[str, str]:
+    """Known model_types that cannot be sliced exactly, and why."""
+    return dict(_REFUSED)
+
+
+def _lookup(config: PreTrainedConfig) -> FamilyAdapter | None:
+    model_type = getattr(config, "model_type", None)
+    if model_type in _REFUSED:
+        raise UnsupportedModelError(f"Cannot slice model_type={model_type!r}: {_REFUSED[model_type]}")
+    adapter = _REGISTRY.get(model_type)
+    if adapter is not None:
+        return adapter
+    # A family's derivative can declare the family's architecture class under its own model_type. Match class
+    # names exactly: a prefix would send e.g. Qwen2MoeForCausalLM to the dense Qwen2 adapter.
+    for arch in getattr(config, "architectures", None) or []:
+        for candidate in _REGISTRY.values():
+            if arch in candidate.architectures:
+                return candidate
+    return None
+
+
 def get_adapter(config: PreTrainedConfig) -> FamilyAdapter:
-    """The adapter for ``config``, after checking that the config can be sliced exactly."""
-    adapter = _REGISTRY.get(getattr(config, "model_type", None))
-    if adapter is None:
-        # A family's derivative can declare the family's architecture class; match its prefix.
-        for arch in getattr(config, "architectures", None) or []:
-            for model_type, candidate in _REGISTRY.items():
-                if arch.lower().startswith(model_type.replace("_", "")):
-                    adapter = candidate
-                    break
-            if adapter is not None:
-                break
+    """The adapter for ``config`` (with its config-dependent variant applied), after checking that the config
+    can be sliced exactly."""
+    adapter = _lookup(config)
     if adapter is None:
         raise UnsupportedModelError(
             f"Unsupported model_type {getattr(config, 'model_type', None)!r} "
             f"(architectures={getattr(config, 'architectures', None)}). "
-            f"Supported model_types: {', '.join(supported_model_types())}."
+            f"Supported model_types: {', '.join(supported_model_types())}. "
+            "Adding a family takes one declarative FamilyAdapter (see CONTRIBUTING.md)."
         )
     adapter.check(config)
-    return adapter
+    return adapter.for_config(config)
 
 
 __all__ = [
+    "SUPPORTED_LAYER_TYPES",
     "FamilyAdapter",
     "UnsupportedModelError",
+    "check_layer_types",
     "get_adapter",
+    "refuse_model_type",
+    "refused_model_types",
     "register_adapter",
     "supported_model_types",
 ]

@@ -34,6 +34,7 @@ def _final_norm(config: PreTrainedConfig) -> str | None:
 OPT = FamilyAdapter(
     name="opt",
     model_types=("opt",),
+    architectures=("OPTForCausalLM",),
     norm="layer",
     topology="sequential",
     embed_tokens="model.decoder.embed_tokens",

@@ -5,6 +5,7 @@ from .base import FamilyAdapter
 PHI = FamilyAdapter(
     name="phi",
     model_types=("phi",),
+    architectures=("PhiForCausalLM",),
     norm="layer",
     topology="parallel",
     embed_tokens="model.embed_tokens",
