@@ -376,7 +376,9 @@ class _Slicer:
                 lambda _m, _i, out, sink=attn_out: sink.append(_block_output(out))
             )
             try:
-                outputs = [_block_output(layer(x, **kw)) for x, kw in zip(signals, kwargs)]
+                outputs = [
+                    _block_output(layer(x, **self._layer_kwargs(kw, idx))) for x, kw in zip(signals, kwargs)
+                ]
             finally:
                 hook.remove()
             if self.sequential:
@@ -721,8 +723,9 @@ class _Slicer:
             if mode == "slice":
                 # The vocabulary matrix is sliced once, in the embedding basis; the head maps the last basis
                 # (through the final norm) into it with one small width x width matrix.
-                head_map = q_embed.T @ (scale[:, None] * q_head)
-                head_shift = None if shift is None else q_embed.T @ shift
+                # The shared matrix carries the embedding scale (if any), which the head must not see.
+                head_map = q_embed.T @ (scale[:, None] * q_head) / embed_scale
+                head_shift = None if shift is None else q_embed.T @ shift / embed_scale
                 sliced.head_proj = _to_linear(head_map, head_shift, self.dtype, self.home)
                 head = nn.Linear(d_embed, vocab, bias=head_bias is not None, device="meta")
                 head.weight = sliced.model.embed_tokens.weight
