@@ -15,6 +15,7 @@ from .adapters import (
     register_adapter,
     supported_model_types,
 )
+from .export import NativeExportError, save_native, to_native
 from .modeling.configuration_sliced import SlicedConfig
 from .modeling.modeling_sliced import SlicedModelForCausalLM
 from .slicing import SlicingError, slice_model, sliced_width, validate_sparsity
@@ -29,20 +30,27 @@ def _register() -> None:
     # ``trust_remote_code=True`` loads a sliced checkpoint without this package.
     SlicedConfig.register_for_auto_class()
     SlicedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    # PEFT's default LoRA targets for model_type "slicegpt": `LoraConfig()` without target_modules works.
+    from .rft import register_peft_targets
+
+    register_peft_targets()
 
 
 _register()
 
 __all__ = [
     "FamilyAdapter",
+    "NativeExportError",
     "SlicedConfig",
     "SlicedModelForCausalLM",
     "SlicingError",
     "UnsupportedModelError",
     "get_adapter",
     "register_adapter",
+    "save_native",
     "slice_model",
     "sliced_width",
     "supported_model_types",
+    "to_native",
     "validate_sparsity",
 ]
