@@ -1,0 +1,655 @@
+"""Recovery fine-tuning (RFT): LoRA on a sliced model, trained by ``transformers.Trainer``.
+
+Slicing removes whole directions of the residual stream; a short LoRA fine-tune on ordinary text recovers much
+of the lost quality (SliceGPT, arXiv 2401.15024, section 4: r=32, alpha=10, dropout 0.05 on every attention and
+MLP linear, sequences of 1024 tokens). This module wires PEFT and ``Trainer`` together for the sliced
+architecture and writes the result either merged (a plain sliced checkpoint) or as a PEFT adapter.
+
+``import hf_slicegpt`` registers the default LoRA targets of the sliced model type with PEFT
+(:func:`register_peft_targets`), so ``LoraConfig()`` without ``target_modules`` works on a sliced model.
+
+Multi-GPU data parallel comes from ``Trainer`` itself: run the same command under ``torchrun`` or
+``accelerate launch`` (``torchrun --nproc-per-node 4 -m hf_slicegpt.cli rft ...``). Every rank trains on its
+share of the batches and measures perplexity; only the main process writes the output.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+MODEL_TYPE = "slicegpt"
+REPORT_NAME = "rft_report.json"
+REPORT_FORMAT = 1
+SLICING_REPORT_NAME = "slicing_report.json"
+
+# Linear layers inside a sliced block, under the names each family gives them (the sliced model keeps the
+# family's attention and MLP modules). Listed generously: a name a family does not use matches nothing.
+ATTENTION_LINEARS: tuple[str, ...] = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "out_proj",
+    "dense",
+    "qkv_proj",
+    "query_key_value",
+)
+MLP_LINEARS: tuple[str, ...] = (
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "gate_up_proj",
+    "fc1",
+    "fc2",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+)
+# The residual shortcut matrices slicing adds. Trainable too, but only on request (the paper did not).
+SHORTCUT_LINEARS: tuple[str, ...] = ("attn_shortcut", "mlp_shortcut")
+
+# PEFT's default for model_type "slicegpt": every attention and MLP linear of every decoder block, and nothing
+# else (never the embeddings, their projections, the shortcuts or the head). A regular expression, because a
+# bare name such as ``dense`` would also match outside the blocks in some families.
+PEFT_TARGET_PATTERN = (
+    r".*\.layers\.\d+\.(self_attn\.("
+    + "|".join(ATTENTION_LINEARS)
+    + r")|mlp\.("
+    + "|".join(MLP_LINEARS)
+    + r"))"
+)
+
+
+def register_peft_targets() -> None:
+    """Teach PEFT the default target modules of the sliced model type.
+
+    PEFT looks up ``target_modules=None`` in ``TRANSFORMERS_MODELS_TO_<METHOD>_TARGET_MODULES_MAPPING`` by
+    ``model.config.model_type``. The LoRA mapping, and every mapping PEFT copied from it (LoHa, LoKr, ...,
+    recognised by their identical ``llama`` entry), get an entry for ``slicegpt``. Tuner classes hold a
+    reference to their mapping, so adding the key in place is enough.
+    """
+    try:
+        from peft.utils import constants
+    except ImportError:  # peft is a dependency, but keep `import hf_slicegpt` working without it
+        return
+    lora = constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    reference = lora.get("llama")
+    for name in dir(constants):
+        mapping = getattr(constants, name)
+        if not (name.startswith("TRANSFORMERS_MODELS_TO_") and name.endswith("_TARGET_MODULES_MAPPING")):
+            continue
+        if isinstance(mapping, dict) and (mapping is lora or mapping.get("llama") == reference):
+            mapping.setdefault(MODEL_TYPE, PEFT_TARGET_PATTERN)
+
+
+def default_target_modules(model: nn.Module, *, shortcuts: bool = False) -> list[str]:
+    """The LoRA targets RFT uses by default: the attention and MLP linear names that exist in ``model``.
+
+    For a sliced model these come from its config (the family's reader and writer names); for any other model,
+    every linear inside ``self_attn``/``mlp`` modules. ``shortcuts=True`` adds the shortcut matrices.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) == MODEL_TYPE:
+        names = [*config.attn_input_names, config.attn_output_name]
+        names += [*config.mlp_input_names, config.mlp_output_name]
+    else:
+        names = []
+        for path, module in model.named_modules():
+            parts = path.split(".")
+            if isinstance(module, nn.Linear) and len(parts) >= 2 and parts[-2] in ("self_attn", "mlp"):
+                names.append(parts[-1])
+    if shortcuts:
+        names += [n for n in SHORTCUT_LINEARS if any(p.endswith("." + n) for p, _ in model.named_modules())]
+    present = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = list(dict.fromkeys(n for n in names if n in present))
+    if not targets:
+        raise RFTError(
+            f"found no attention/MLP linears to adapt in {type(model).__name__}; pass target_modules explicitly"
+        )
+    return targets
+
+
+class RFTError(ValueError):
+    """Recovery fine-tuning cannot run with these settings or inputs."""
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RFTError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class RFTConfig:
+    """Settings of a recovery fine-tuning run. Defaults follow the SliceGPT paper where it gives them.
+
+    Example:
+
+    ```python
+    >>> from hf_slicegpt.rft import RFTConfig
+    >>> RFTConfig(max_steps=100, seq_len=256).lora_config(["q_proj", "v_proj"]).r
+    32
+    ```
+    """
+
+    r: int = field(default=32, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=10.0, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "module names or a regex; None: every attention and MLP linear"}
+    )
+    target_shortcuts: bool = field(default=False, metadata={"help": "also adapt the shortcut matrices"})
+    num_samples: int = field(default=1024, metadata={"help": "training sequences drawn from the data"})
+    seq_len: int = field(default=1024, metadata={"help": "tokens per training sequence"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the training sequences"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate"})
+    lr_scheduler: str = field(default="linear", metadata={"help": "transformers scheduler type"})
+    warmup_steps: float = field(default=0, metadata={"help": "warmup steps (int), or a ratio in [0, 1)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=1, metadata={"help": "sequences per device per step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
+    merge: bool = field(default=True, metadata={"help": "merge LoRA into the weights (else save an adapter)"})
+    seed: int = field(default=42, metadata={"help": "picks the training windows and seeds training"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    save_steps: int = field(
+        default=100, metadata={"help": "write a resumable Trainer checkpoint every N steps"}
+    )
+    save_total_limit: int | None = field(default=2, metadata={"help": "Trainer checkpoints kept"})
+    eval_seq_len: int | None = field(default=None, metadata={"help": "perplexity window (default seq_len)"})
+    eval_max_tokens: int | None = field(default=None, metadata={"help": "cap the perplexity tokens"})
+    eval_batch_size: int = field(default=4, metadata={"help": "windows per perplexity forward pass"})
+    use_cpu: bool = field(default=False, metadata={"help": "train on CPU even if a GPU is visible"})
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.r) and self.r >= 1, f"r must be an integer >= 1, got {self.r!r}")
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("num_samples", "seq_len", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+        _check(
+            self.seq_len >= 2,
+            f"seq_len must be >= 2 (a window predicts seq_len - 1 tokens), got {self.seq_len}",
+        )
+        _check(
+            self.max_steps is None or (_is_int(self.max_steps) and self.max_steps >= 1),
+            f"max_steps must be an integer >= 1 or None, got {self.max_steps!r}",
+        )
+        _check(self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}")
+        _check(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            f"learning_rate must be > 0, got {self.learning_rate!r}",
+        )
+        _check(
+            self.warmup_steps >= 0 and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+            f"warmup_steps must be a whole number of steps or a ratio in [0, 1), got {self.warmup_steps!r}",
+        )
+        if self.eval_seq_len is not None:
+            _check(
+                _is_int(self.eval_seq_len) and self.eval_seq_len >= 2,
+                f"eval_seq_len must be an integer >= 2, got {self.eval_seq_len!r}",
+            )
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = list(self.target_modules)
+            _check(
+                bool(self.target_modules) and all(isinstance(t, str) and t for t in self.target_modules),
+                f"target_modules must be non-empty names, got {self.target_modules!r}",
+            )
+
+    def lora_config(self, target_modules: list[str] | str) -> Any:
+        """The ``peft.LoraConfig`` for these settings."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=target_modules,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass
+class RFTResult:
+    """What :func:`rft` produced: the trained model (merged, or the ``PeftModel``), the report, the output."""
+
+    model: nn.Module
+    report: dict[str, Any]
+    output_dir: Path | None
+
+
+class _Windows(torch.utils.data.Dataset):
+    """Fixed-length token windows as causal-LM examples (labels = inputs; the model shifts them)."""
+
+    def __init__(self, ids: torch.LongTensor):
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.ids[index]
+        return {"input_ids": row, "labels": row.clone()}
+
+
+def _check_windows(ids: Any, what: str, vocab_size: int | None) -> torch.LongTensor:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 2:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise RFTError(
+            f"{what} must be a (n_windows, seq_len >= 2) tensor of token ids or a source name, got {shape}"
+        )
+    if ids.is_floating_point() or ids.is_complex():
+        raise RFTError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise RFTError(f"{what} has token ids outside [0, {vocab_size}): wrong tokenizer for this model?")
+    return ids.long()
+
+
+def _base_model_dir(model: nn.Module, base_model_path: str | os.PathLike | None) -> Path | None:
+    candidate = base_model_path or getattr(model, "name_or_path", None) or None
+    if candidate is None:
+        return None
+    path = Path(candidate)
+    return path.absolute() if (path / "config.json").is_file() else None
+
+
+def _perplexity(model: nn.Module, ids: torch.LongTensor | None, batch_size: int, show_progress: bool):
+    if ids is None:
+        return None
+    from .evaluation import perplexity
+
+    model.config.use_cache = False
+    return perplexity(model, ids, batch_size=batch_size, show_progress=show_progress)
+
+
+def _loss_log(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    keep = ("step", "epoch", "loss", "learning_rate", "grad_norm")
+    return [{k: entry[k] for k in keep if k in entry} for entry in history if "loss" in entry]
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in ("hf-slicegpt", "torch", "transformers", "peft", "accelerate"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def read_report(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``rft_report.json`` of an RFT output directory, or ``None``."""
+    path = Path(directory) / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        logger.warning("Ignoring unreadable %s: %s", path, exc)
+        return None
+
+
+def rft(
+    model: PreTrainedModel | str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | None,
+    train_data: str | torch.LongTensor,
+    output_dir: str | os.PathLike | None,
+    config: RFTConfig | None = None,
+    *,
+    eval_data: str | torch.LongTensor | None = None,
+    evaluate: bool = True,
+    text_column: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    overwrite: bool = False,
+    base_model_path: str | os.PathLike | None = None,
+    callbacks: Sequence[Any] = (),
+    show_progress: bool = True,
+) -> RFTResult:
+    """Fine-tune ``model`` with LoRA on ``train_data`` and save it to ``output_dir``.
+
+    Args:
+        model: a sliced model (any causal LM works, with ``target_modules``), or a checkpoint path. It is
+            consumed: LoRA layers are injected in place.
+        tokenizer: the model's tokenizer (loaded with a path ``model`` when ``None``). It reads a text source and
+            is saved beside the result.
+        train_data: a text source (``pydocs``, ``wikitext2``, a local file, ...; its training part is used) or
+            token windows ``(n, seq_len)``.
+        output_dir: where the result goes, written atomically. ``None`` keeps it in memory only.
+        config: hyper-parameters (:class:`RFTConfig`); ``config.merge`` chooses a merged sliced checkpoint or a
+            PEFT adapter.
+        eval_data: source or windows for perplexity before and after; default: the held-out part of
+            ``train_data`` when it is a source.
+        evaluate: ``False`` skips the perplexity measurements.
+        text_column, split, subset: how to read a Hub or tabular ``train_data`` (see :mod:`hf_slicegpt.data`).
+        checkpoint_dir: Trainer checkpoints for resuming (default: ``<output_dir>.rft-checkpoints``).
+        resume: continue from the newest checkpoint in ``checkpoint_dir`` (starts fresh if there is none).
+        keep_checkpoints: keep ``checkpoint_dir`` after success (default: removed).
+        overwrite: replace a non-empty ``output_dir`` and discard stale checkpoints.
+        base_model_path: the sliced checkpoint an adapter refers to (``merge=False``); default: where ``model``
+            was loaded from.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+        show_progress: tqdm bars (Trainer's and perplexity's); without them the loss is logged.
+
+    Returns:
+        :class:`RFTResult` with the merged model (or the ``PeftModel``) and the report, also written to
+        ``output_dir/rft_report.json``.
+    """
+    from .data import calibration_tokens, evaluation_tokens, load_text
+    from .io import check_output_dir, write_checkpoint
+
+    config = config or RFTConfig()
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        from .loading import load_model_and_tokenizer
+
+        source = str(model)
+        model, loaded_tokenizer = load_model_and_tokenizer(model)
+        tokenizer = tokenizer or loaded_tokenizer
+    if not isinstance(model, PreTrainedModel):
+        raise RFTError(
+            f"model must be a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}"
+        )
+    source = source or getattr(model, "name_or_path", "") or type(model).__name__
+
+    # Everything cheap is checked before the first training step.
+    if output_dir is not None:
+        check_output_dir(output_dir, overwrite)
+    base_dir = _base_model_dir(model, base_model_path)
+    if not config.merge and output_dir is not None and base_dir is None:
+        raise RFTError(
+            "an unmerged adapter must name the sliced checkpoint it applies to, but this model was not loaded "
+            "from a checkpoint directory; save the sliced model first and pass base_model_path=DIR "
+            "(or merge=True)"
+        )
+    for text_source in (train_data, eval_data):
+        if isinstance(text_source, str) and text_source == "":
+            raise RFTError("a data source name must not be empty")
+    if (isinstance(train_data, str) or isinstance(eval_data, str)) and tokenizer is None:
+        raise RFTError("reading a text source needs the model's tokenizer; pass tokenizer=")
+    targets = config.target_modules or default_target_modules(model, shortcuts=config.target_shortcuts)
+    if config.target_modules and config.target_shortcuts and isinstance(targets, list):
+        targets = targets + [n for n in SHORTCUT_LINEARS if n not in targets]
+
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(train_data, str):
+        train_ids = calibration_tokens(
+            tokenizer,
+            train_data,
+            num_samples=config.num_samples,
+            seq_len=config.seq_len,
+            seed=config.seed,
+            text_column=text_column,
+            split=split,
+            subset=subset,
+        )
+    else:
+        train_ids = _check_windows(train_data, "train_data", vocab)
+    eval_source = (
+        eval_data if eval_data is not None else (train_data if isinstance(train_data, str) else None)
+    )
+    eval_ids = None
+    if evaluate and eval_source is not None:
+        if isinstance(eval_source, str):
+            eval_split = split if eval_data is None else None
+            load_text(
+                eval_source, purpose="evaluation", text_column=text_column, split=eval_split, subset=subset
+            )
+            eval_ids = evaluation_tokens(
+                tokenizer,
+                eval_source,
+                seq_len=config.eval_seq_len or config.seq_len,
+                max_tokens=config.eval_max_tokens,
+                text_column=text_column,
+                split=eval_split,
+                subset=subset,
+            )
+        else:
+            eval_ids = _check_windows(eval_source, "eval_data", vocab)
+    elif evaluate:
+        logger.info("No evaluation source (training windows were given as a tensor); skipping perplexity")
+
+    if checkpoint_dir is None:
+        if output_dir is None:
+            raise RFTError("checkpoint_dir is needed when output_dir is None")
+        out = Path(output_dir).absolute()
+        checkpoint_dir = out.parent / f"{out.name}.rft-checkpoints"
+    checkpoint_dir = Path(checkpoint_dir)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
+    if last is not None and not resume:
+        if not overwrite:
+            raise RFTError(
+                f"{str(checkpoint_dir)!r} holds checkpoints of an earlier run (newest: {Path(last).name}); pass "
+                "resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start over"
+            )
+        logger.warning("Discarding earlier checkpoints in %s", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+        last = None
+    if resume and last is None:
+        logger.warning("Nothing to resume in %s; starting from step 0", checkpoint_dir)
+
+    return _train(
+        model,
+        tokenizer,
+        config,
+        targets,
+        train_ids,
+        eval_ids,
+        output_dir=output_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=last,
+        keep_checkpoints=keep_checkpoints,
+        overwrite=overwrite,
+        base_dir=base_dir,
+        source=source,
+        data={
+            "train": train_data if isinstance(train_data, str) else "<token windows>",
+            "eval": eval_source if isinstance(eval_source, str) or eval_source is None else "<token windows>",
+        },
+        callbacks=callbacks,
+        show_progress=show_progress,
+        write_checkpoint=write_checkpoint,
+    )
+
+
+def _train(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    config: RFTConfig,
+    targets: list[str] | str,
+    train_ids: torch.LongTensor,
+    eval_ids: torch.LongTensor | None,
+    *,
+    output_dir: str | os.PathLike | None,
+    checkpoint_dir: Path,
+    resume_from: str | None,
+    keep_checkpoints: bool,
+    overwrite: bool,
+    base_dir: Path | None,
+    source: str,
+    data: dict[str, Any],
+    callbacks: Sequence[Any],
+    show_progress: bool,
+    write_checkpoint: Any,
+) -> RFTResult:
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+    class _LogLoss(TrainerCallback):
+        """Loss lines through ``logging`` when Trainer's own progress printing is off."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+            if logs and "loss" in logs and state.is_world_process_zero:
+                logger.info("step %d/%d: loss %.4f", state.global_step, state.max_steps, logs["loss"])
+
+    args = TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=int(config.warmup_steps) if config.warmup_steps >= 1 else config.warmup_steps,
+        weight_decay=config.weight_decay,
+        gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
+        bf16=config.bf16,
+        use_cpu=config.use_cpu,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        report_to="none",
+        disable_tqdm=not show_progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available() and not config.use_cpu,
+    )
+    model.to(args.device)
+    model.config.use_cache = False
+
+    # Every rank measures (ranks stay in step; the main process reports): LoRA starts at zero, so the base
+    # model's perplexity is the starting point.
+    before = _perplexity(model, eval_ids, config.eval_batch_size, show_progress)
+    if before is not None:
+        logger.info("Perplexity before RFT: %.4f", before.perplexity)
+
+    lora = config.lora_config(targets)
+    peft_model = get_peft_model(model, lora)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info(
+        "LoRA r=%d alpha=%g on %s: %s trainable of %s parameters",
+        config.r,
+        config.lora_alpha,
+        targets,
+        f"{trainable:,}",
+        f"{total:,}",
+    )
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=_Windows(train_ids),
+        data_collator=default_data_collator,
+        callbacks=[*([] if show_progress else [_LogLoss()]), *callbacks],
+    )
+    if resume_from:
+        logger.info("Resuming from %s", resume_from)
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    peft_model.eval()
+    after = _perplexity(peft_model, eval_ids, config.eval_batch_size, show_progress)
+    if after is not None:
+        logger.info("Perplexity after RFT: %.4f (before: %.4f)", after.perplexity, before.perplexity)
+
+    settings = asdict(config)
+    settings["target_modules"] = targets if isinstance(targets, str) else list(targets)
+    report: dict[str, Any] = {
+        "format": REPORT_FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": source,
+        "base_model_path": str(base_dir) if base_dir is not None else None,
+        "data": data,
+        "settings": settings,
+        "merged": config.merge,
+        "parameters": {"trainable": int(trainable), "total": int(total)},
+        "training": {
+            "global_step": int(output.global_step),
+            "train_loss": float(output.training_loss),
+            "runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 3),
+            "sequences": int(train_ids.shape[0]),
+            "seq_len": int(train_ids.shape[1]),
+            "world_size": int(args.world_size),
+            "resumed_from": Path(resume_from).name if resume_from else None,
+            "log": _loss_log(trainer.state.log_history),
+        },
+        "perplexity": None,
+        "versions": _versions(),
+    }
+    if before is not None and after is not None:
+        report["perplexity"] = {
+            "data": data["eval"],
+            "seq_len": after.seq_len,
+            "tokens": after.tokens,
+            "before": before.perplexity,
+            "after": after.perplexity,
+            "before_nll": before.nll,
+            "after_nll": after.nll,
+        }
+
+    if config.merge:
+        result_model = peft_model.merge_and_unload()
+    else:
+        result_model = peft_model
+        if base_dir is not None:
+            # AutoPeftModelForCausalLM.from_pretrained(DIR) loads the base from here; an absolute local path
+            # works offline (for the Hub, point it at the sliced model's repo id before pushing).
+            peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    result_model.eval()
+
+    written = None
+    if output_dir is not None and trainer.is_world_process_zero():
+
+        def write(directory: Path) -> None:
+            result_model.save_pretrained(directory)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+            if config.merge and base_dir is not None and (base_dir / SLICING_REPORT_NAME).is_file():
+                # The merged model is the same sliced architecture: keep how it was sliced beside it.
+                shutil.copy2(base_dir / SLICING_REPORT_NAME, directory / SLICING_REPORT_NAME)
+            (directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            from .hub import write_model_card
+
+            write_model_card(directory, name=Path(output_dir).name)
+
+        written = write_checkpoint(output_dir, write, overwrite=overwrite)
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        logger.info("Wrote %s (%s)", written, "merged sliced checkpoint" if config.merge else "PEFT adapter")
+    trainer.accelerator.wait_for_everyone()
+    return RFTResult(model=result_model, report=report, output_dir=written)
+
+
+__all__ = [
+    "ATTENTION_LINEARS",
+    "MLP_LINEARS",
+    "PEFT_TARGET_PATTERN",
+    "REPORT_NAME",
+    "RFTConfig",
+    "RFTError",
+    "RFTResult",
+    "SHORTCUT_LINEARS",
+    "default_target_modules",
+    "read_report",
+    "register_peft_targets",
+    "rft",
+]
