@@ -212,6 +212,7 @@ class _Slicer:
         rotation: str,
         schedule: str,
         mid_basis: str,
+        vocab_prior: float,
         show_progress: bool,
     ):
         self.model = model
@@ -227,6 +228,7 @@ class _Slicer:
         self.rotation = rotation
         self.schedule = schedule
         self.mid_basis = mid_basis
+        self.vocab_prior = vocab_prior
         self.show_progress = show_progress
         self.sequential = adapter.topology == "sequential"
         embed = model.get_submodule(adapter.embed_tokens)
@@ -353,19 +355,21 @@ class _Slicer:
         total = Covariance(self.hidden, device=self.device, name="all signals") if keep_sum else None
         spectra: dict[str, torch.Tensor] = {}
 
-        def record(name: str, batch_signals: list[torch.Tensor]) -> None:
+        def record(name: str, batch_signals: list[torch.Tensor], prior: bool = False) -> None:
             cov = Covariance(self.hidden, device=self.device, name=name)
             for signal, mask in zip(batch_signals, masks):
                 centred = signal - signal.mean(-1, keepdim=True) if self.layer_norm else signal
                 cov.add(centred, mask)
             cov.all_reduce()
+            if prior:
+                self._add_vocab_prior(cov)
             if keep_sum:
                 total.sum += cov.sum
                 total.tokens += cov.tokens
             if keep_spectra:
                 spectra[name] = eigenbasis(cov)[0]
 
-        record("embeddings", signals)
+        record("embeddings", signals, prior=True)
         layers = self.model.get_submodule(adapter.layers)
         for idx in tqdm(
             range(len(layers)), desc="Dense statistics", unit="layer", disable=not self.show_progress
@@ -449,6 +453,26 @@ class _Slicer:
         if self.adapter.embedding_scale is None:
             return 1.0
         return float(torch.tensor(self.adapter.embedding_scale(self.config), dtype=self.dtype))
+
+    def _add_vocab_prior(self, cov: Covariance) -> None:
+        """Mix the vocabulary's own statistics into the first basis: every token weighs the same.
+
+        Calibration text covers only some tokens; rare tokens (symbols, code, other languages) would otherwise
+        lose their directions in the very first slice. ``vocab_prior`` is the weight of the uniform-vocabulary
+        covariance relative to the calibration tokens'.
+        """
+        if self.vocab_prior <= 0:
+            return
+        # Scaled by the tokens seen so far: per rank before an all-reduce, or in total after one; either way
+        # the sum over ranks is the prior times all calibration tokens.
+        table = (
+            self.model.get_submodule(self.adapter.embed_tokens).weight.detach().to(self.device, torch.float64)
+        )
+        if self.layer_norm:
+            table = center_rows(table)
+        table = table * self._embedding_scale()
+        prior = table.T @ table / table.shape[0]
+        cov.sum += self.vocab_prior * max(cov.tokens, 1) * prior.to(cov.sum.device)
 
     # -- the passes ----------------------------------------------------------------------------------------
     def _prepare_batches(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
@@ -560,7 +584,12 @@ class _Slicer:
         # With a global basis nothing below needs the calibration signals: it only rotates weights.
         need_signals = self.global_basis is None
         signals, kwargs, masks = self._prepare_batches() if need_signals else (None, None, None)
-        q_in = self._next_basis(signals, masks, "embeddings", plan.embedding)
+        if need_signals:
+            cov = self._covariance(signals, masks, "embeddings")
+            self._add_vocab_prior(cov)
+            q_in = self._basis(cov, plan.embedding)
+        else:
+            q_in = self._next_basis(None, None, "embeddings", plan.embedding)
         q_embed = q_in
         if need_signals:
             signals = self._rotate_signals(signals, q_in)
@@ -626,6 +655,7 @@ class _Slicer:
             "rotation": self.rotation,
             "schedule": self.schedule,
             "mid_basis": self.mid_basis,
+            "vocab_prior": self.vocab_prior,
             "tied_embeddings": self.tied_mode if self.tied else None,
             "sparsity": self.sparsity,
             "round_to": self.round_to,
@@ -778,6 +808,7 @@ def slice_model(
     schedule: str = "const",
     mid_basis: str = "auto",
     tied_embeddings: str = "auto",
+    vocab_prior: float = 0.0,
     show_progress: bool = True,
 ) -> SlicedModelForCausalLM:
     """Slice a causal LM with SliceGPT and return a :class:`SlicedModelForCausalLM`.
@@ -806,6 +837,8 @@ def slice_model(
             width with small projections at both ends (exact), ``"slice"`` slices it once in the embedding
             basis with a small map in front of the head, ``"untie"`` unties it (the reference's behaviour,
             adds ``vocab x width``); ``"auto"`` is ``"slice"`` for global rotation and ``"project"`` otherwise.
+        vocab_prior: weight of the vocabulary's own statistics (every token equally) in the first basis,
+            relative to the calibration tokens; keeps rare tokens' directions when calibration text is narrow.
         show_progress: show tqdm bars.
 
     Example:
@@ -828,6 +861,12 @@ def slice_model(
     schedule = _choice("schedule", schedule, SCHEDULES)
     mid_basis = _choice("mid_basis", mid_basis, MID_BASES)
     tied_embeddings = _choice("tied_embeddings", tied_embeddings, TIED_MODES)
+    if (
+        isinstance(vocab_prior, bool)
+        or not isinstance(vocab_prior, (int, float))
+        or not 0 <= vocab_prior < math.inf
+    ):
+        raise SlicingError(f"vocab_prior must be a non-negative number, got {vocab_prior!r}")
     if rotation == "global" and schedule != "const":
         raise SlicingError("rotation='global' uses one width everywhere; use schedule='const' with it")
     if rotation == "global" and not slice_head:
@@ -848,6 +887,7 @@ def slice_model(
         rotation=rotation,
         schedule=schedule,
         mid_basis=mid_basis,
+        vocab_prior=float(vocab_prior),
         show_progress=show_progress,
     )
     logger.info(
