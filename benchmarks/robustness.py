@@ -1,0 +1,178 @@
+"""In-domain and out-of-domain perplexity of sliced SmolLM2, relative to dense.
+
+Calibrate on one source (default: ``pydocs``), then evaluate on its held-out part (in-domain) and on clearly
+different text that every Debian machine or this script provides (out-of-domain):
+
+- ``licenses``: the licence texts under /usr/share/common-licenses (legal English);
+- ``git-notes``: git's release notes under /usr/share/doc/git/RelNotes (terse changelog English with code);
+- ``synthetic``: structured text generated here (JSON records, CSV rows, arithmetic, identifiers).
+
+Variants: plain SliceGPT, the vocabulary prior in the first basis, self-generated calibration text, and both.
+
+    .venv/bin/python benchmarks/robustness.py --sparsities 0.1,0.2,0.25,0.3 --out benchmarks/results/robustness.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import hf_slicegpt
+from hf_slicegpt.augment import self_generated_tokens
+from hf_slicegpt.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.evaluation import perplexity
+from hf_slicegpt.loading import load_model_and_tokenizer
+
+logger = logging.getLogger("robustness")
+
+VARIANTS = {
+    "plain": dict(vocab_prior=0.0, augment=0),
+    "vocab-prior": dict(vocab_prior=1.0, augment=0),
+    "self-augment": dict(vocab_prior=0.0, augment=32),
+    "prior+augment": dict(vocab_prior=1.0, augment=32),
+}
+
+
+def synthetic_text(seed: int = 0, records: int = 1500) -> str:
+    """Deterministic structured text: the formatting, digits and symbols that prose calibration misses."""
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma", "theta", "zeta", "lambda"]
+    lines = []
+    for i in range(records):
+        kind = i % 4
+        if kind == 0:
+            lines.append(
+                f'{{"id": {rng.randint(1000, 99999)}, "name": "{rng.choice(words)}_{rng.randint(0, 99)}", '
+                f'"value": {rng.uniform(-1e3, 1e3):.4f}, "tags": ["{rng.choice(words)}", "{rng.choice(words)}"]}}'
+            )
+        elif kind == 1:
+            lines.append(",".join(str(rng.randint(0, 10 ** rng.randint(1, 6))) for _ in range(8)))
+        elif kind == 2:
+            a, b = rng.randint(1, 9999), rng.randint(1, 9999)
+            lines.append(f"{a} + {b} = {a + b}; {a} * {b} = {a * b}")
+        else:
+            ident = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz_0123456789") for _ in range(12))
+            lines.append(
+                f"def {ident}(x, y={rng.randint(0, 9)}):\n    return x ** {rng.randint(2, 5)} - y  # {ident}"
+            )
+    return "\n".join(lines)
+
+
+def ood_sources(root: Path) -> dict[str, str]:
+    """Write the out-of-domain texts as .txt directories under ``root``; return source paths by name."""
+    sources = {}
+    licenses = Path("/usr/share/common-licenses")
+    if licenses.is_dir():
+        target = root / "licenses"
+        target.mkdir()
+        for path in sorted(p for p in licenses.iterdir() if p.is_file()):
+            (target / f"{path.name}.txt").write_text(path.read_text(errors="replace"))
+        sources["licenses"] = str(target)
+    notes = Path("/usr/share/doc/git/RelNotes")
+    if notes.is_dir():
+        target = root / "git-notes"
+        target.mkdir()
+        for path in sorted(notes.glob("*.txt"))[-60:]:
+            (target / path.name).write_text(path.read_text(errors="replace"))
+        sources["git-notes"] = str(target)
+    (root / "synthetic.txt").write_text(synthetic_text())
+    sources["synthetic"] = str(root / "synthetic.txt")
+    return sources
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--calibration", default="pydocs")
+    parser.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    workdir = Path(tempfile.mkdtemp(prefix="robustness-"))
+    dense, tokenizer = load_model_and_tokenizer(args.model)
+    calib = calibration_tokens(
+        tokenizer, args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=0
+    )
+    evals = {
+        "in-domain": evaluation_tokens(tokenizer, args.calibration, seq_len=512, max_tokens=args.eval_tokens)
+    }
+    for name, source in ood_sources(workdir).items():
+        evals[name] = evaluation_tokens(
+            tokenizer, source, seq_len=512, max_tokens=args.eval_tokens, split="all"
+        )
+
+    def measure(model) -> dict[str, float]:
+        return {
+            name: perplexity(model, ids, batch_size=4, show_progress=False).perplexity
+            for name, ids in evals.items()
+        }
+
+    dense_ppl = measure(dense)
+    logger.info("dense: %s", dense_ppl)
+    augment_cache: dict[int, torch.Tensor] = {}
+    rows = []
+    for variant in args.variants.split(","):
+        settings = VARIANTS[variant]
+        if settings["augment"] and settings["augment"] not in augment_cache:
+            augment_cache[settings["augment"]] = self_generated_tokens(
+                dense, tokenizer, settings["augment"], args.seq_len, seed=0, show_progress=False
+            )
+        for sparsity in map(float, args.sparsities.split(",")):
+            model, _ = load_model_and_tokenizer(args.model)
+            data = calib
+            if settings["augment"]:
+                data = torch.cat([calib, augment_cache[settings["augment"]]])
+            start = time.perf_counter()
+            sliced = hf_slicegpt.slice_model(
+                model, data, sparsity, vocab_prior=settings["vocab_prior"], show_progress=False
+            )
+            seconds = time.perf_counter() - start
+            ppl = measure(sliced)
+            rows.append(
+                dict(
+                    variant=variant,
+                    sparsity=sparsity,
+                    seconds=seconds,
+                    ppl=ppl,
+                    relative={k: v / dense_ppl[k] for k, v in ppl.items()},
+                )
+            )
+            logger.info(
+                "%s @ %.2f: %s", variant, sparsity, {k: round(v, 2) for k, v in rows[-1]["relative"].items()}
+            )
+            del sliced, model
+
+    names = list(evals)
+    print(
+        "perplexity relative to dense (dense: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in dense_ppl.items())
+        + ")"
+    )
+    print(f"{'variant':15s} {'sparsity':>8s} " + " ".join(f"{n:>10s}" for n in names))
+    for row in rows:
+        print(
+            f"{row['variant']:15s} {row['sparsity']:8.2f} "
+            + " ".join(f"{row['relative'][n]:10.2f}" for n in names)
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "dense": dense_ppl, "rows": rows}
+        args.out.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
