@@ -96,24 +96,28 @@ def register_peft_targets() -> None:
             mapping.setdefault(MODEL_TYPE, PEFT_TARGET_PATTERN)
 
 
-def default_target_modules(model: nn.Module, *, shortcuts: bool = False) -> list[str]:
-    """The LoRA targets RFT uses by default: the attention and MLP linear names that exist in ``model``.
+def default_target_modules(model: nn.Module, *, shortcuts: bool = False) -> list[str] | str:
+    """The LoRA targets RFT uses by default: every attention and MLP linear of ``model``.
 
-    For a sliced model these come from its config (the family's reader and writer names); for any other model,
-    every linear inside ``self_attn``/``mlp`` modules. ``shortcuts=True`` adds the shortcut matrices.
+    For a sliced model, the family's reader and writer names recorded in its config (exactly the modules
+    :data:`PEFT_TARGET_PATTERN` matches); ``shortcuts=True`` adds the shortcut matrices. Any other model gets
+    PEFT's ``"all-linear"`` (every linear but the output layer).
     """
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) == MODEL_TYPE:
-        names = [*config.attn_input_names, config.attn_output_name]
-        names += [*config.mlp_input_names, config.mlp_output_name]
-    else:
-        names = []
-        for path, module in model.named_modules():
-            parts = path.split(".")
-            if isinstance(module, nn.Linear) and len(parts) >= 2 and parts[-2] in ("self_attn", "mlp"):
-                names.append(parts[-1])
+    if getattr(config, "model_type", None) != MODEL_TYPE:
+        if shortcuts:
+            raise RFTError(
+                "target_shortcuts applies to sliced models only; this model has no shortcut matrices"
+            )
+        return "all-linear"
+    names = [
+        *config.attn_input_names,
+        config.attn_output_name,
+        *config.mlp_input_names,
+        config.mlp_output_name,
+    ]
     if shortcuts:
-        names += [n for n in SHORTCUT_LINEARS if any(p.endswith("." + n) for p, _ in model.named_modules())]
+        names += list(SHORTCUT_LINEARS)
     present = {path.rsplit(".", 1)[-1] for path, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = list(dict.fromkeys(n for n in names if n in present))
     if not targets:
@@ -266,12 +270,23 @@ def _check_windows(ids: Any, what: str, vocab_size: int | None) -> torch.LongTen
     return ids.long()
 
 
-def _base_model_dir(model: nn.Module, base_model_path: str | os.PathLike | None) -> Path | None:
-    candidate = base_model_path or getattr(model, "name_or_path", None) or None
-    if candidate is None:
+def _base_model_ref(model: nn.Module, base_model_path: str | os.PathLike | None) -> str | None:
+    """Where the base sliced model can be loaded from: an absolute local directory or a Hub id."""
+    candidate = str(base_model_path or getattr(model, "name_or_path", "") or "")
+    if not candidate:
         return None
     path = Path(candidate)
-    return path.absolute() if (path / "config.json").is_file() else None
+    if (path / "config.json").is_file():
+        return str(path.absolute())
+    if path.exists() or candidate.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(candidate)
+    except HFValidationError:
+        return None
+    return candidate
 
 
 def _perplexity(model: nn.Module, ids: torch.LongTensor | None, batch_size: int, show_progress: bool):
@@ -381,8 +396,8 @@ def rft(
     # Everything cheap is checked before the first training step.
     if output_dir is not None:
         check_output_dir(output_dir, overwrite)
-    base_dir = _base_model_dir(model, base_model_path)
-    if not config.merge and output_dir is not None and base_dir is None:
+    base_ref = _base_model_ref(model, base_model_path)
+    if not config.merge and output_dir is not None and base_ref is None:
         raise RFTError(
             "an unmerged adapter must name the sliced checkpoint it applies to, but this model was not loaded "
             "from a checkpoint directory; save the sliced model first and pass base_model_path=DIR "
@@ -468,7 +483,7 @@ def rft(
         resume_from=last,
         keep_checkpoints=keep_checkpoints,
         overwrite=overwrite,
-        base_dir=base_dir,
+        base_ref=base_ref,
         source=source,
         data={
             "train": train_data if isinstance(train_data, str) else "<token windows>",
@@ -493,7 +508,7 @@ def _train(
     resume_from: str | None,
     keep_checkpoints: bool,
     overwrite: bool,
-    base_dir: Path | None,
+    base_ref: str | None,
     source: str,
     data: dict[str, Any],
     callbacks: Sequence[Any],
@@ -501,7 +516,7 @@ def _train(
     write_checkpoint: Any,
 ) -> RFTResult:
     from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
 
     class _LogLoss(TrainerCallback):
         """Loss lines through ``logging`` when Trainer's own progress printing is off."""
@@ -546,6 +561,7 @@ def _train(
         logger.info("Perplexity before RFT: %.4f", before.perplexity)
 
     lora = config.lora_config(targets)
+    set_seed(config.seed)  # LoRA's random init: the same seed gives the same run, interrupted or not
     peft_model = get_peft_model(model, lora)
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info(
@@ -577,7 +593,7 @@ def _train(
         "format": REPORT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": source,
-        "base_model_path": str(base_dir) if base_dir is not None else None,
+        "base_model_path": base_ref,
         "data": data,
         "settings": settings,
         "merged": config.merge,
@@ -610,10 +626,10 @@ def _train(
         result_model = peft_model.merge_and_unload()
     else:
         result_model = peft_model
-        if base_dir is not None:
+        if base_ref is not None:
             # AutoPeftModelForCausalLM.from_pretrained(DIR) loads the base from here; an absolute local path
             # works offline (for the Hub, point it at the sliced model's repo id before pushing).
-            peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+            peft_model.peft_config["default"].base_model_name_or_path = base_ref
     result_model.eval()
 
     written = None
@@ -623,6 +639,7 @@ def _train(
             result_model.save_pretrained(directory)
             if tokenizer is not None:
                 tokenizer.save_pretrained(directory)
+            base_dir = Path(base_ref) if base_ref is not None else None
             if config.merge and base_dir is not None and (base_dir / SLICING_REPORT_NAME).is_file():
                 # The merged model is the same sliced architecture: keep how it was sliced beside it.
                 shutil.copy2(base_dir / SLICING_REPORT_NAME, directory / SLICING_REPORT_NAME)
