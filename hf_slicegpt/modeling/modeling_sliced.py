@@ -10,7 +10,12 @@ This file is shipped beside sliced checkpoints as remote code, so it imports onl
 
 from __future__ import annotations
 
+import copy
 import importlib
+import json
+import os
+import struct
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,6 +98,144 @@ def attention_layer_kinds(family_config) -> list[str]:
 def attention_masks(family_config, kinds: list[str], **mask_kwargs: Any) -> dict[str, Any]:
     """One attention mask per layer kind in ``kinds`` (``mask_kwargs`` as for ``create_causal_mask``)."""
     return {kind: _MASK_BUILDERS[kind](config=family_config, **mask_kwargs) for kind in dict.fromkeys(kinds)}
+
+
+class SlicedCheckpointError(ValueError):
+    """A sliced checkpoint whose weights are missing, damaged, or do not match the widths in its config.
+
+    transformers would re-initialise mismatched or missing tensors randomly (a silently wrong model), so a
+    sliced checkpoint that does not match its ``config.json`` is refused instead.
+    """
+
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, reading no tensor data; refuses a truncated or damaged file.
+
+    Plain ``struct`` + ``json`` so that this remote-code file needs nothing beyond torch and transformers.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    damaged = f"{path.name} in {str(path.parent)!r} is truncated or damaged"
+    hint = "(an interrupted write or download?); re-save or re-download the checkpoint"
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise SlicedCheckpointError(f"{damaged}: {size} bytes, no safetensors header {hint}")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > size - 8:
+            raise SlicedCheckpointError(f"{damaged}: its header claims {header_len} bytes {hint}")
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError as err:
+            raise SlicedCheckpointError(f"{damaged}: unreadable header ({err}) {hint}") from err
+    if not isinstance(header, dict):
+        raise SlicedCheckpointError(f"{damaged}: the header is not a JSON object {hint}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shapes[name] = tuple(int(d) for d in info["shape"])
+            end = max(end, int(info["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise SlicedCheckpointError(f"{damaged}: bad header entry for {name!r} {hint}") from err
+    if 8 + header_len + end > size:
+        raise SlicedCheckpointError(
+            f"{damaged}: {size} bytes but its tensors need {8 + header_len + end} {hint}"
+        )
+    return shapes
+
+
+def checkpoint_weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[int, ...]] | None:
+    """Shapes of every tensor in a checkpoint directory's safetensors (one file or an index of shards).
+
+    ``None`` when the directory holds no safetensors weights at all.
+    """
+    directory = Path(directory)
+    if (directory / WEIGHTS_NAME).is_file():
+        return read_safetensors_shapes(directory / WEIGHTS_NAME)
+    index_path = directory / WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise SlicedCheckpointError(
+            f"{WEIGHTS_INDEX_NAME} in {str(directory)!r} is damaged ({err}); re-save the checkpoint"
+        ) from err
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        shard_path = directory / str(shard)
+        if Path(str(shard)).name != str(shard) or not shard_path.is_file():
+            raise SlicedCheckpointError(
+                f"{WEIGHTS_INDEX_NAME} in {str(directory)!r} names the shard {shard!r}, which is missing; "
+                "re-save or re-download the checkpoint"
+            )
+        shapes.update(read_safetensors_shapes(shard_path))
+    return shapes
+
+
+def expected_weight_shapes(config: SlicedConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """The tensor shapes ``config`` implies (built on the meta device: no memory), and the tied names.
+
+    A tied tensor (the head sharing the embedding matrix) is stored once, so its name may be absent.
+    """
+    with torch.device("meta"):
+        model = SlicedModelForCausalLM(copy.deepcopy(config))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(SlicedModelForCausalLM._tied_weights_keys) if config.tie_word_embeddings else set()
+    return shapes, tied
+
+
+def weight_shape_problems(
+    expected: dict[str, tuple[int, ...]], tied: set[str], found: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """Every disagreement between the shapes a config implies and the shapes a checkpoint holds."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in found:
+            if name not in tied:
+                problems.append(
+                    f"{name} is missing from the weights (the config expects shape {list(shape)})"
+                )
+        elif tuple(found[name]) != shape:
+            problems.append(
+                f"{name} has shape {list(found[name])} in the weights but the config implies {list(shape)}"
+            )
+    problems.extend(
+        f"{name} (shape {list(found[name])}) is in the weights but the config has no place for it"
+        for name in found
+        if name not in expected
+    )
+    return problems
+
+
+def checkpoint_mismatch_error(where: str, problems: list[str]) -> SlicedCheckpointError:
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return SlicedCheckpointError(
+        f"sliced checkpoint {where} does not match its config.json: {problems[0]}{more}. The per-layer widths "
+        "in config.json (attn_input_dims, mlp_input_dims, embedding_dim, head_input_dim, *_shortcuts) must "
+        "describe these weights; was config.json edited, or do the weights come from another checkpoint?"
+    )
+
+
+def check_checkpoint_weights(directory: str | os.PathLike, config: SlicedConfig) -> None:
+    """Refuse a sliced checkpoint directory whose safetensors are damaged or disagree with ``config``."""
+    found = checkpoint_weight_shapes(directory)
+    if found is None:
+        raise SlicedCheckpointError(
+            f"sliced checkpoint {str(directory)!r} has no {WEIGHTS_NAME} (or {WEIGHTS_INDEX_NAME}); sliced "
+            "weights load only from safetensors"
+        )
+    problems = weight_shape_problems(*expected_weight_shapes(config), found)
+    if problems:
+        raise checkpoint_mismatch_error(repr(str(directory)), problems)
 
 
 class SlicedRMSNorm(nn.Module):
@@ -353,6 +496,43 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, refusing weights that do not match the config.
+
+        transformers would re-initialise a missing or mismatched tensor randomly and only warn; for a sliced
+        checkpoint that is a silently wrong model, so it raises :class:`SlicedCheckpointError` instead. A local
+        directory is checked from its safetensors headers before any weight is read. Weights load only from
+        safetensors (never a pickle). ``ignore_mismatched_sizes=True`` turns the checks off.
+        """
+        lenient = bool(kwargs.get("ignore_mismatched_sizes", False))
+        kwargs.setdefault("use_safetensors", True)
+        if lenient:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        directory = Path(os.fspath(pretrained_model_name_or_path or ""), kwargs.get("subfolder") or "")
+        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None and directory.is_dir():
+            config = kwargs.get("config")
+            if not isinstance(config, SlicedConfig):
+                config = SlicedConfig.from_pretrained(directory)
+            check_checkpoint_weights(directory, config)
+        wants_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # mismatches are reported below, by name, as one error
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        problems = [
+            f"{name} has shape {list(found)} in the weights but the config implies {list(shape)}"
+            for name, found, shape in sorted(info.get("mismatched_keys") or ())
+        ]
+        problems += [f"{name} is missing from the weights" for name in sorted(info.get("missing_keys") or ())]
+        problems += [
+            f"{name} is in the weights but the config has no place for it"
+            for name in sorted(info.get("unexpected_keys") or ())
+        ]
+        if problems:
+            raise checkpoint_mismatch_error(repr(str(pretrained_model_name_or_path)), problems)
+        return (model, info) if wants_info else model
+
     def __init__(self, config: SlicedConfig):
         super().__init__(config)
         self.model = SlicedModel(config)
@@ -421,9 +601,16 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "SlicedCheckpointError",
     "SlicedModel",
     "SlicedModelForCausalLM",
     "SlicedPreTrainedModel",
     "SlicedDecoderLayer",
     "SlicedRMSNorm",
+    "check_checkpoint_weights",
+    "checkpoint_mismatch_error",
+    "checkpoint_weight_shapes",
+    "expected_weight_shapes",
+    "read_safetensors_shapes",
+    "weight_shape_problems",
 ]
