@@ -1,17 +1,22 @@
 """Checkpoint writes that never leave a half-written directory where a good one was.
 
 Everything is written into a temporary sibling directory, flushed, and renamed into place only when complete.
-An existing checkpoint at the destination is moved aside first and removed only after the rename succeeded,
-so a crash at any point leaves either the old checkpoint or the new one (plus a stale ``.tmp``/``.old``
-sibling that the next write cleans up).
+An existing checkpoint at the destination is swapped with the new one in one atomic ``renameat2(...,
+RENAME_EXCHANGE)`` (Linux), so the destination always holds a complete checkpoint, old or new. Where the
+exchange is unavailable, the old checkpoint is moved aside first and removed only after the rename succeeded;
+a crash between the two renames leaves it in a ``.old`` sibling that :func:`recover` (called by the next
+write) puts back. Stale ``.tmp`` siblings are cleaned up by the next write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,6 +54,40 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a power loss after it cannot undo it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+
+    Returns ``False`` where the system or file system cannot (then the caller falls back to two renames).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc symbol (glibc < 2.28, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def recover(target: str | os.PathLike) -> None:
     """Undo an interrupted write: restore a moved-aside checkpoint, drop unfinished temporaries."""
     target = Path(target).absolute()
@@ -75,14 +114,23 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     try:
         yield tmp
         _fsync_tree(tmp)
-        if target.exists():
+        if target.exists() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old checkpoint
+        elif target.exists():
             old = target.parent / f".{target.name}.{os.getpid()}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
-            os.replace(tmp, target)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
+            _fsync_dir(target.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+            _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
