@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .validation import validate_checkpoint
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2"
@@ -70,7 +72,9 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
         logger.info("Loading dequantised %s from the cache %s", path.name, cache)
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            cache, dtype=dtype or torch.float32, use_safetensors=True
+        )
         return model, AutoTokenizer.from_pretrained(cache)
     logger.info("Dequantising %s (once; cached in %s)", path, cache)
     try:
@@ -122,17 +126,40 @@ def load_model_and_tokenizer(
             raise ModelSourceError(f"{source!r} is not a model directory: it has no config.json")
         if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
             raise ModelSourceError(f"model path {source!r} does not exist")
+        if path.is_dir():
+            # Metadata only: a damaged, inconsistent or pickle-only checkpoint fails here in one clear line,
+            # before transformers would re-initialise mismatched tensors or unpickle anything.
+            validate_checkpoint(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=dtype if dtype is not None else "auto", trust_remote_code=trust_remote_code
+            # Safetensors only: pickled weights (.bin) can run code when loaded.
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source,
+                dtype=dtype if dtype is not None else "auto",
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                output_loading_info=True,
             )
         except OSError as err:
             hint = " (offline? pass a local directory or a .gguf file)" if not path.exists() else ""
+            if "safetensors" in str(err):
+                hint += " (hf-slicegpt loads safetensors weights only, never pickled .bin files)"
             raise ModelSourceError(f"cannot load model {source!r}: {str(err).splitlines()[0]}{hint}") from err
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise ModelSourceError(
+                f"model {source!r} lacks weights for {', '.join(missing[:3])}"
+                f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; transformers would initialise "
+                "them randomly. Re-save or re-download the checkpoint"
+            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError) as err:
-            logger.warning("No tokenizer found with %s (%s)", source, str(err).splitlines()[0])
+            logger.warning(
+                "No tokenizer found with %s (%s); copy the original model's tokenizer into it with "
+                "AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained(DIR)",
+                source,
+                str(err).splitlines()[0],
+            )
             tokenizer = None
     if device is not None:
         model.to(device)
