@@ -28,6 +28,7 @@ from .modeling.modeling_sliced import (
     attention_masks,
 )
 from .pca import Covariance, eigenbasis
+from .validation import check_finite_weights
 
 logger = logging.getLogger(__name__)
 
@@ -783,6 +784,9 @@ class _Slicer:
         ]
         if leftover:
             raise RuntimeError(f"internal error: sliced model has unassigned tensors {leftover}")
+        # A half-precision model can overflow where the float64 maths did not (a rotated weight beyond the
+        # fp16 range): such a model must never be returned, let alone saved.
+        check_finite_weights(sliced)
         sliced.generation_config = model.generation_config
         sliced.slicing_stats = self.stats
         sliced.eval()
