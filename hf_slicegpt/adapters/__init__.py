@@ -48,6 +48,11 @@ def supported_model_types() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def registered_adapters() -> list[FamilyAdapter]:
+    """Every registered adapter, once each (several model_types may share one)."""
+    return list({id(adapter): adapter for adapter in _REGISTRY.values()}.values())
+
+
 def refused_model_types() -> dict[str, str]:
     """Known model_types that cannot be sliced exactly, and why."""
     return dict(_REFUSED)
@@ -93,5 +98,6 @@ __all__ = [
     "refuse_model_type",
     "refused_model_types",
     "register_adapter",
+    "registered_adapters",
     "supported_model_types",
 ]
