@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapters import get_adapter
@@ -64,7 +66,13 @@ def _native_config(sliced: SlicedModelForCausalLM, width: int):
     values.update(hidden_size=width, head_dim=head_dim, tie_word_embeddings=False)
     values[adapter.norm_eps_attr] = float(config.norm_eps) * full / width
     values.pop("model_type", None)
-    native = type(family)(**values)
+    try:
+        native = type(family)(**values)
+    except (ValueError, TypeError, StrictDataclassClassValidationError) as err:
+        raise NativeExportError(
+            f"{type(family).__name__} cannot describe hidden_size={width} with the original head size "
+            f"({head_dim} x {family.num_attention_heads} heads): {str(err).splitlines()[0]}"
+        ) from err
     native._attn_implementation = family._attn_implementation
     return native
 
@@ -82,7 +90,9 @@ def to_native(sliced: SlicedModelForCausalLM) -> PreTrainedModel:
     width, full = config.embedding_dim, config.norm_divisor
     native_config = _native_config(sliced, width)
     dtype = sliced.model.embed_tokens.weight.dtype
-    with torch.device("meta"):
+    # Parameters on the meta device (they are all assigned below); buffers such as rotary frequencies or an
+    # embedding scale are computed by the family's own code for the new width.
+    with init_empty_weights(include_buffers=False):
         native = AutoModelForCausalLM.from_config(native_config, dtype=dtype)
 
     embed = sliced.model.embed_tokens.weight
@@ -90,6 +100,9 @@ def to_native(sliced: SlicedModelForCausalLM) -> PreTrainedModel:
     compute = torch.float64
     if sliced.model.embed_proj is not None:
         embed = embed.to(compute) @ sliced.model.embed_proj.weight.to(compute).T
+    if adapter.embedding_scale is not None:
+        # The sliced embedding already carries the original scale; the native model applies its own.
+        embed = embed.to(compute) / adapter.embedding_scale(native_config)
     if sliced.head_proj is not None:
         proj = sliced.head_proj
         if proj.bias is not None:
@@ -132,10 +145,6 @@ def to_native(sliced: SlicedModelForCausalLM) -> PreTrainedModel:
     if missing:
         raise NativeExportError(f"internal error: no sliced tensor for {missing}")
     native.load_state_dict(state, assign=True, strict=True)
-    if adapter.rotary_emb is not None:
-        rotary = type(sliced.model.rotary_emb)(config=native_config)
-        owner, _, attr = adapter.rotary_emb.rpartition(".")
-        setattr(native.get_submodule(owner), attr, rotary)
     leftover = [
         name for name, t in list(native.named_parameters()) + list(native.named_buffers()) if t.is_meta
     ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from . import distributed
 from .adapters import FamilyAdapter, get_adapter
 from .invariance import center_rows, center_writer, fold_norm, norm_parameters
 from .modeling.configuration_sliced import SlicedConfig
@@ -27,10 +29,16 @@ from .modeling.modeling_sliced import (
     attention_layer_kinds,
     attention_masks,
 )
+from .offload import ActivationStore, check_offload, collect, make_store
 from .pca import Covariance, eigenbasis
+from .resume import PartialState, fingerprint
 from .validation import check_finite_weights
 
 logger = logging.getLogger(__name__)
+
+# How covariance sums are accumulated (see hf_slicegpt.pca.Covariance): "mixed" (float32 products of row
+# chunks summed in float64; measured to give the same sliced model, about twice as fast on a CPU) or "float64".
+COVARIANCE_PRECISION = "mixed"
 
 
 class SlicingError(ValueError):
@@ -41,7 +49,12 @@ def validate_sparsity(sparsity: Any) -> float:
     """Return ``sparsity`` as a float in ``[0, 1)``, or raise naming the value and the fix."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity):
         raise SlicingError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if 1 <= sparsity <= 100:
+    if sparsity == 1:
+        raise SlicingError(
+            f"sparsity={sparsity!r} would remove the whole hidden dimension; it must be in [0, 1) "
+            "(the fraction of the hidden size removed), e.g. 0.25"
+        )
+    if 1 < sparsity <= 100:
         raise SlicingError(
             f"sparsity={sparsity!r} looks like a percentage; pass the fraction of the hidden size to remove, "
             f"e.g. {sparsity / 100:g} for {sparsity:g}%"
@@ -215,6 +228,12 @@ class _Slicer:
         mid_basis: str,
         vocab_prior: float,
         show_progress: bool,
+        offload: str | None = None,
+        offload_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        all_batches: list[CalibrationBatch] | None = None,
     ):
         self.model = model
         self.adapter = adapter
@@ -256,6 +275,17 @@ class _Slicer:
         self.global_basis: torch.Tensor | None = None
         self._global_slices: dict[int, torch.Tensor] = {}
         self.position_offset: int | None = None
+        # Performance and scale (see docs in slice_model): where activations live, data parallelism (this
+        # rank's batches in ``batches``, everyone's in ``all_batches``), and the resumable partial state.
+        self.covariance_precision = COVARIANCE_PRECISION
+        self.offload = offload
+        self.offload_dir = offload_dir
+        self.all_batches = all_batches if all_batches is not None else batches
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.partial: PartialState | None = None
+        self._q_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- plan ----------------------------------------------------------------------------------------------
     def _block_shapes(self) -> list[_BlockShape]:
@@ -274,9 +304,18 @@ class _Slicer:
             )
         return shapes
 
-    def _layer_params(self, plan: WidthPlan, shapes: list[_BlockShape]) -> int:
-        """Width-dependent parameters of the blocks under ``plan`` (shortcuts included)."""
-        total = 0
+    def _plan_params(self, plan: WidthPlan, shapes: list[_BlockShape]) -> int:
+        """Width-dependent parameters under ``plan``: blocks (shortcuts included), embeddings and head."""
+        vocab = self.config.vocab_size
+        d_embed, d_head = plan.embedding, plan.head
+        if self.tied_mode == "project":
+            total = self.hidden * (d_embed + d_head)
+        elif self.tied_mode == "slice":
+            total = vocab * d_embed + d_embed * d_head
+        else:
+            total = vocab * (d_embed + d_head)
+        if self.adapter.embed_positions is not None:
+            total += self.config.max_position_embeddings * d_embed
         for idx, shape in enumerate(shapes):
             d_in, d_out = plan.inputs[idx], plan.outputs[idx]
             if self.sequential:
@@ -317,7 +356,7 @@ class _Slicer:
     def _variance_plan(self, spectra: dict[str, torch.Tensor], shapes: list[_BlockShape]) -> WidthPlan:
         """Smallest widths explaining a common variance fraction, with the fraction set by the budget."""
         n = len(shapes)
-        budget = self._layer_params(self._decide_mids(self._const_plan(n), shapes), shapes)
+        budget = self._plan_params(self._decide_mids(self._const_plan(n), shapes), shapes)
 
         def width(name: str, fraction: float, cap: int) -> int:
             values = spectra[name]
@@ -340,7 +379,7 @@ class _Slicer:
         low, high = 0.0, 1.0
         for _ in range(40):
             mid = (low + high) / 2
-            if self._layer_params(plan_for(mid), shapes) <= budget:
+            if self._plan_params(plan_for(mid), shapes) <= budget:
                 low = mid
             else:
                 high = mid
@@ -353,14 +392,29 @@ class _Slicer:
         """One pass of the dense model: per-signal spectra and/or the sum of all signal covariances."""
         adapter = self.adapter
         signals, kwargs, masks = self._prepare_batches()
-        total = Covariance(self.hidden, device=self.device, name="all signals") if keep_sum else None
+        total = (
+            Covariance(
+                self.hidden, device=self.device, name="all signals", precision=self.covariance_precision
+            )
+            if keep_sum
+            else None
+        )
         spectra: dict[str, torch.Tensor] = {}
 
-        def record(name: str, batch_signals: list[torch.Tensor], prior: bool = False) -> None:
-            cov = Covariance(self.hidden, device=self.device, name=name)
+        def new(name: str) -> Covariance:
+            return Covariance(self.hidden, device=self.device, name=name, precision=self.covariance_precision)
+
+        def add(cov: Covariance, signal: torch.Tensor, mask: torch.Tensor | None) -> None:
+            cov.add(signal - signal.mean(-1, keepdim=True) if self.layer_norm else signal, mask)
+
+        def record(name: str, batch_signals, prior: bool = False) -> None:
+            cov = new(name)
             for signal, mask in zip(batch_signals, masks):
-                centred = signal - signal.mean(-1, keepdim=True) if self.layer_norm else signal
-                cov.add(centred, mask)
+                add(cov, signal, mask)
+            finish(cov, prior)
+
+        def finish(cov: Covariance, prior: bool = False) -> None:
+            name = cov.name
             cov.all_reduce()
             if prior:
                 self._add_vocab_prior(cov)
@@ -375,22 +429,35 @@ class _Slicer:
         for idx in tqdm(
             range(len(layers)), desc="Dense statistics", unit="layer", disable=not self.show_progress
         ):
-            layer = layers[idx].to(self.device)
+            layer = self._fetch_layer(idx)
+            attn_cov = new(f"layer {idx} attention output") if self.sequential else None
+            out_cov = new(f"layer {idx} output")
             attn_out: list[torch.Tensor] = []
             hook = layer.get_submodule(adapter.attention).register_forward_hook(
                 lambda _m, _i, out, sink=attn_out: sink.append(_block_output(out))
             )
+
+            def outputs(
+                layer=layer, attn_cov=attn_cov, out_cov=out_cov, idx=idx, signals=signals, attn_out=attn_out
+            ):
+                # One batch at a time: its statistics are added as it is produced, so only the layer
+                # outputs are kept (in the activation store), never the attention outputs of every batch.
+                for x, kw, mask in zip(signals, kwargs, masks):
+                    attn_out.clear()
+                    out = _block_output(layer(x, **self._layer_kwargs(kw, idx)))
+                    if attn_cov is not None:
+                        add(attn_cov, x + attn_out[0], mask)
+                    add(out_cov, out, mask)
+                    yield out
+
             try:
-                outputs = [
-                    _block_output(layer(x, **self._layer_kwargs(kw, idx))) for x, kw in zip(signals, kwargs)
-                ]
+                signals = self._collect(outputs())
             finally:
                 hook.remove()
-            if self.sequential:
-                record(f"layer {idx} attention output", [x + a for x, a in zip(signals, attn_out)])
-            record(f"layer {idx} output", outputs)
-            signals = outputs
-            layers[idx].to(self.home)
+            if attn_cov is not None:
+                finish(attn_cov)
+            finish(out_cov)
+            self._release_dense_layer(idx)
         return spectra, total
 
     # -- bases ---------------------------------------------------------------------------------------------
@@ -408,9 +475,191 @@ class _Slicer:
             return self._global_slices.setdefault(width, self.global_basis[:, :width].contiguous())
         return self._basis(self._covariance(signals, masks, name), width)
 
-    def _rotate_signals(self, signals: list[torch.Tensor], q: torch.Tensor) -> list[torch.Tensor]:
+    def _rotate_signals(self, signals: ActivationStore, q: torch.Tensor) -> ActivationStore:
         q32 = q.to(device=self.device, dtype=torch.float32)
-        return [(s.to(torch.float32) @ q32).to(self.dtype) for s in signals]
+        return self._collect((s.to(torch.float32) @ q32).to(self.dtype) for s in signals)
+
+    # -- activations, layers and the partial state (performance and scale) -----------------------------------
+    def _new_store(self) -> ActivationStore:
+        return make_store(self.offload, self.device, self.offload_dir)
+
+    def _collect(self, tensors) -> ActivationStore:
+        """Drain a generator of per-batch tensors into a new activation store (one batch alive at a time)."""
+        return collect(tensors, self.offload, self.device, self.offload_dir)
+
+    def _fetch_layer(self, idx: int) -> nn.Module:
+        """Dense block ``idx`` on the compute device (the low-memory path loads it from disk here)."""
+        return self.model.get_submodule(self.adapter.layers)[idx].to(self.device)
+
+    def _release_dense_layer(self, idx: int) -> None:
+        """Block ``idx`` after the dense statistics pass, which still needs it later."""
+        self.model.get_submodule(self.adapter.layers)[idx].to(self.home)
+
+    def _layer_tensors(
+        self, idx: int, attn: nn.Module, mlp: nn.Module, attn_sc, mlp_sc
+    ) -> dict[str, torch.Tensor]:
+        """Sliced block ``idx`` under the names of the sliced checkpoint."""
+        prefix = f"model.layers.{idx}."
+        tensors = {f"{prefix}self_attn.{k}": v for k, v in attn.state_dict().items()}
+        tensors.update({f"{prefix}mlp.{k}": v for k, v in mlp.state_dict().items()})
+        if attn_sc is not None:
+            tensors[f"{prefix}attn_shortcut.weight"] = attn_sc.weight
+        if mlp_sc is not None:
+            tensors[f"{prefix}mlp_shortcut.weight"] = mlp_sc.weight
+        return tensors
+
+    def _finish_layer(
+        self, idx, attn, mlp, attn_sc, mlp_sc, attn_modules, mlp_modules, restored=False
+    ) -> None:
+        """Keep sliced block ``idx`` for the returned model (and record it in the partial state)."""
+        if self.partial is not None and not restored:
+            self.partial.write_layer(idx, self._layer_tensors(idx, attn, mlp, attn_sc, mlp_sc))
+        attn_modules.append(attn.to(self.home))
+        mlp_modules.append(mlp.to(self.home))
+        self.model.get_submodule(self.adapter.layers)[idx] = nn.Identity()  # the dense block is consumed
+
+    def _restore_block(self, idx: int, tensors: dict[str, torch.Tensor]):
+        """Rebuild sliced block ``idx`` from its saved tensors, on the dense block's modules."""
+        adapter, meta = self.adapter, any(t.is_meta for t in tensors.values())
+        layer = self.model.get_submodule(adapter.layers)[idx]
+        attn, mlp = layer.get_submodule(adapter.attention), self._mlp_module(layer)
+        mlp_linears = ("fc1", "fc2") if adapter.mlp is None else (*adapter.mlp_inputs, adapter.mlp_output)
+        prefix = f"model.layers.{idx}."
+        for key, owner, names in (
+            ("self_attn", attn, (*adapter.attn_inputs, adapter.attn_output)),
+            ("mlp", mlp, mlp_linears),
+        ):
+            own = {
+                k[len(prefix + key) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}{key}.")
+            }
+            for name in names:
+                linear = _to_linear(own[f"{name}.weight"], own.get(f"{name}.bias"), self.dtype, self.home)
+                self._replace(owner, name, linear)
+            if not meta:
+                owner.load_state_dict(own, strict=True)
+
+        def shortcut(name: str) -> nn.Linear | None:
+            weight = tensors.get(f"{prefix}{name}.weight")
+            return None if weight is None else _to_linear(weight, None, self.dtype, self.home)
+
+        return attn, mlp, shortcut("attn_shortcut"), shortcut("mlp_shortcut")
+
+    def _fingerprint(self) -> str:
+        """What the sliced result depends on; a partial state from a different run is refused."""
+        config = {
+            k: v
+            for k, v in self.config.to_dict().items()
+            if k not in ("_name_or_path", "transformers_version")
+        }
+        settings = {
+            "sparsity": self.sparsity,
+            "round_to": self.round_to,
+            "slice_head": self.slice_head,
+            "rotation": self.rotation,
+            "schedule": self.schedule,
+            "mid_basis": self.mid_basis,
+            "vocab_prior": getattr(self, "vocab_prior", None),
+            "tied": self.tied_mode,
+            "covariance": self.covariance_precision,
+            "dtype": str(self.dtype),
+            "world_size": distributed.world_size(),
+        }
+        embed = self.model.get_submodule(self.adapter.embed_tokens).weight
+        parts: list[Any] = [settings, config, float(embed.detach().to(torch.float64).sum())]
+        for batch in self.all_batches:
+            parts += [batch.input_ids, "no mask" if batch.attention_mask is None else batch.attention_mask]
+        return fingerprint(parts)
+
+    def _open_partial(self, n: int) -> dict[str, Any] | None:
+        """Set up the partial state; return the record to resume from, if asked and present."""
+        if self.checkpoint_dir is None:
+            if self.resume:
+                raise SlicingError(
+                    "resume=True needs checkpoint_dir, the directory of the interrupted run's state"
+                )
+            return None
+        self.partial = PartialState(self.checkpoint_dir, self._fingerprint(), n)
+        record = self.partial.load() if self.resume else None
+        if record is None:
+            self.partial.reset()
+        else:
+            logger.info(
+                "Resuming after %d of %d layers from %s", record["layers_done"], n, self.checkpoint_dir
+            )
+        return record
+
+    def _restore_plan(self, record: dict[str, Any]) -> WidthPlan:
+        self.stats = [SignalStats(**s) for s in record["stats"]]
+        self.position_offset = record["position_offset"]
+        if "variance_fraction" in record:
+            self.variance_fraction = record["variance_fraction"]
+        saved = self.partial.load_tensors(record, "cpu")
+        if "global_basis" in saved:
+            self.global_basis = saved["global_basis"]
+        return WidthPlan(**record["plan"])
+
+    def _restore_layers(self, record, need_signals, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts):
+        """Finished blocks, the carried bases and this rank's activations, exactly as they were saved."""
+        start = record["layers_done"]
+        if (
+            self.global_basis is not None
+        ):  # the same objects as an uninterrupted run's, for the identity tests
+            q_embed = self._next_basis(None, None, "embeddings", self.plan.embedding)
+            q_in = self._next_basis(None, None, "", self.plan.outputs[start - 1]) if start else q_embed
+        else:
+            saved = self.partial.load_tensors(record, "cpu")
+            q_embed, q_in = saved["q_embed"], saved["q_in"]
+        for idx in range(start):
+            tensors = self.partial.read_layer(idx, self.home, meta=self._restore_meta)
+            attn, mlp, attn_sc, mlp_sc = self._restore_block(idx, tensors)
+            attn_shortcuts.append(attn_sc)
+            if self.sequential:
+                mlp_shortcuts.append(mlp_sc)
+            self._finish_layer(idx, attn, mlp, attn_sc, mlp_sc, attn_modules, mlp_modules, restored=True)
+        signals = (
+            self._collect(self.partial.load_signals(record))
+            if need_signals and start < len(self.plan.outputs)
+            else None
+        )
+        return start, q_embed, q_in, signals
+
+    _restore_meta = False  # the low-memory path restores finished blocks as shapes only (they are on disk)
+
+    def _may_stay_meta(self, name: str) -> bool:
+        """Whether a tensor of the returned model may be left on the meta device (the low-memory path's blocks)."""
+        return False
+
+    def _checkpoint(self, done: int, n: int, q_embed, q_in, signals) -> None:
+        """Save the partial state every ``checkpoint_every`` layers, and once at the end."""
+        if self.partial is None:
+            return
+        if done < n and (not self.checkpoint_every or done % self.checkpoint_every):
+            return
+        tensors = {"q_embed": q_embed.clone(), "q_in": q_in.clone()}
+        if self.global_basis is not None:
+            tensors["global_basis"] = self.global_basis.clone()
+        info: dict[str, Any] = {
+            "plan": {
+                "embedding": self.plan.embedding,
+                "outputs": list(self.plan.outputs),
+                "mids": list(self.plan.mids),
+                "shared_mid": list(self.plan.shared_mid),
+            },
+            "stats": [
+                {
+                    "name": s.name,
+                    "width": s.width,
+                    "kept_width": s.kept_width,
+                    "explained_variance": s.explained_variance,
+                    "eigenvalues": s.eigenvalues,
+                }
+                for s in self.stats
+            ],
+            "position_offset": self.position_offset,
+        }
+        if hasattr(self, "variance_fraction"):
+            info["variance_fraction"] = self.variance_fraction
+        self.partial.save(done, tensors, signals if done < n else None, info)
 
     # -- weights -------------------------------------------------------------------------------------------
     def _rotate_readers(
@@ -476,7 +725,7 @@ class _Slicer:
         cov.sum += self.vocab_prior * max(cov.tokens, 1) * prior.to(cov.sum.device)
 
     # -- the passes ----------------------------------------------------------------------------------------
-    def _prepare_batches(self) -> tuple[list[torch.Tensor], list[dict[str, Any]], list[torch.Tensor | None]]:
+    def _prepare_batches(self) -> tuple[ActivationStore, list[dict[str, Any]], list[torch.Tensor | None]]:
         """Embedding outputs (centred for LayerNorm families) and per-batch attention inputs."""
         model, adapter = self.model, self.adapter
         embed = model.get_submodule(adapter.embed_tokens)
@@ -494,7 +743,7 @@ class _Slicer:
         embed_scale = self._embedding_scale()
         self.layer_kinds = attention_layer_kinds(self.config)
 
-        signals, kwargs, masks = [], [], []
+        signals, kwargs, masks = self._new_store(), [], []
         for batch in self.batches:
             ids = batch.input_ids.to(self.device)
             mask = None if batch.attention_mask is None else batch.attention_mask.to(self.device)
@@ -522,6 +771,7 @@ class _Slicer:
             if rotary is not None:
                 entry["position_embeddings"] = rotary(x, position_ids=position_ids)
             signals.append(x)
+            del x
             kwargs.append(entry)
             masks.append(mask)
         return signals, kwargs, masks
@@ -529,7 +779,7 @@ class _Slicer:
     def _covariance(
         self, signals: list[torch.Tensor], masks: list[torch.Tensor | None], name: str
     ) -> Covariance:
-        cov = Covariance(self.hidden, device=self.device, name=name)
+        cov = Covariance(self.hidden, device=self.device, name=name, precision=self.covariance_precision)
         for signal, mask in zip(signals, masks):
             cov.add(signal, mask)
         return cov
@@ -547,7 +797,9 @@ class _Slicer:
 
     def _expand(self, signal: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Map a sliced signal back to the full-width coordinates of the stream."""
-        return signal.to(torch.float32) @ q.T.to(device=self.device, dtype=torch.float32)
+        if self._q_cache is None or self._q_cache[0] is not q:  # convert each basis once, not per batch
+            self._q_cache = (q, q.T.to(device=self.device, dtype=torch.float32).contiguous())
+        return signal.to(torch.float32) @ self._q_cache[1]
 
     def _mlp_module(self, layer: nn.Module) -> nn.Module:
         adapter = self.adapter
@@ -567,7 +819,10 @@ class _Slicer:
         layers = model.get_submodule(adapter.layers)
         n = len(layers)
         shapes = self._block_shapes()
-        if self.rotation == "global" or self.schedule == "variance":
+        record = self._open_partial(n)
+        if record is not None:
+            plan = self._restore_plan(record)
+        elif self.rotation == "global" or self.schedule == "variance":
             spectra, total = self._dense_statistics(self.schedule == "variance", self.rotation == "global")
             if total is not None:
                 self.global_basis = self._basis(total, self.hidden)
@@ -576,7 +831,9 @@ class _Slicer:
             )
         else:
             plan = self._const_plan(n)
-        if self.rotation == "global":
+        if record is not None:
+            pass  # the saved plan is final
+        elif self.rotation == "global":
             plan.shared_mid = [True] * n
         else:
             plan = self._decide_mids(plan, shapes) if self.schedule == "const" else plan
@@ -585,21 +842,35 @@ class _Slicer:
         # With a global basis nothing below needs the calibration signals: it only rotates weights.
         need_signals = self.global_basis is None
         signals, kwargs, masks = self._prepare_batches() if need_signals else (None, None, None)
-        if need_signals:
-            cov = self._covariance(signals, masks, "embeddings")
-            self._add_vocab_prior(cov)
-            q_in = self._basis(cov, plan.embedding)
-        else:
-            q_in = self._next_basis(None, None, "embeddings", plan.embedding)
-        q_embed = q_in
-        if need_signals:
-            signals = self._rotate_signals(signals, q_in)
-
         attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts = [], [], [], []
+        start = 0
+        if record is not None:
+            start, q_embed, q_in, signals = self._restore_layers(
+                record, need_signals, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts
+            )
+        else:
+            if need_signals:
+                cov = self._covariance(signals, masks, "embeddings")
+                cov.all_reduce()  # before the prior, which must be added once, not once per rank
+                self._add_vocab_prior(cov)
+                q_in = self._basis(cov, plan.embedding)
+            else:
+                q_in = self._next_basis(None, None, "embeddings", plan.embedding)
+            q_embed = q_in
+            if need_signals:
+                signals = self._rotate_signals(signals, q_in)
+
         mlp_readers = ("fc1",) if adapter.mlp is None else adapter.mlp_inputs
         mlp_writer = "fc2" if adapter.mlp is None else adapter.mlp_output
-        for idx in tqdm(range(n), desc="Slicing layers", unit="layer", disable=not self.show_progress):
-            layer = layers[idx].to(self.device)
+        for idx in tqdm(
+            range(start, n),
+            desc="Slicing layers",
+            unit="layer",
+            initial=start,
+            total=n,
+            disable=not self.show_progress or not distributed.is_main_process(),
+        ):
+            layer = self._fetch_layer(idx)
             attn = layer.get_submodule(adapter.attention)
             mlp = self._mlp_module(layer)
             attn_norm = layer.get_submodule(adapter.attn_norm)
@@ -611,9 +882,9 @@ class _Slicer:
             full = None
             if self.sequential:
                 if need_signals:
-                    full = [
+                    full = self._collect(
                         self._expand(x, q_in) + self._attention(attn, x, kw) for x, kw in zip(signals, kwargs)
-                    ]
+                    )
                 if plan.shared_mid[idx]:
                     q_mid = q_in
                 else:
@@ -623,7 +894,7 @@ class _Slicer:
                 self._rotate_readers(mlp, mlp_readers, layer.get_submodule(adapter.mlp_norm), q_mid)
                 if need_signals:
                     signals = self._rotate_signals(full, q_mid)
-                    full = [self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals]
+                    full = self._collect(self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals)
                 q_out = self._next_basis(full, masks, f"layer {idx} output", plan.outputs[idx])
                 self._rotate_writer(mlp, mlp_writer, q_out)
                 mlp_shortcuts.append(self._shortcut(q_mid, q_out))
@@ -632,10 +903,10 @@ class _Slicer:
                 mlp_norm = layer.get_submodule(adapter.mlp_norm) if adapter.mlp_norm else attn_norm
                 self._rotate_readers(mlp, mlp_readers, mlp_norm, q_in)
                 if need_signals:
-                    full = [
+                    full = self._collect(
                         self._expand(x, q_in) + self._attention(attn, x, kw) + mlp(self.norm(x))
                         for x, kw in zip(signals, kwargs)
-                    ]
+                    )
                 q_out = self._next_basis(full, masks, f"layer {idx} output", plan.outputs[idx])
                 self._rotate_writer(attn, adapter.attn_output, q_out)
                 self._rotate_writer(mlp, mlp_writer, q_out)
@@ -643,10 +914,10 @@ class _Slicer:
             if need_signals:
                 signals = self._rotate_signals(full, q_out)
             del full
-            attn_modules.append(attn.to(self.home))
-            mlp_modules.append(mlp.to(self.home))
-            layers[idx] = nn.Identity()  # the dense block is consumed; free it
+            mlp_sc = mlp_shortcuts[idx] if self.sequential else None
+            self._finish_layer(idx, attn, mlp, attn_shortcuts[idx], mlp_sc, attn_modules, mlp_modules)
             q_in = q_out
+            self._checkpoint(idx + 1, n, q_embed, q_in, signals)
 
         return self._assemble(q_embed, q_in, attn_modules, mlp_modules, attn_shortcuts, mlp_shortcuts)
 
@@ -663,10 +934,10 @@ class _Slicer:
             "slice_head": self.slice_head,
             "family": self.adapter.name,
             "norm": self.adapter.norm,
-            "calibration_sequences": sum(b.input_ids.shape[0] for b in self.batches),
+            "calibration_sequences": sum(b.input_ids.shape[0] for b in self.all_batches),
             "calibration_tokens": sum(
                 int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
-                for b in self.batches
+                for b in self.all_batches
             ),
         }
         if self.schedule == "variance":
@@ -780,7 +1051,9 @@ class _Slicer:
             sliced.model.rotary_emb = model.get_submodule(adapter.rotary_emb).to(self.home)
 
         leftover = [
-            name for name, p in list(sliced.named_parameters()) + list(sliced.named_buffers()) if p.is_meta
+            name
+            for name, p in list(sliced.named_parameters()) + list(sliced.named_buffers())
+            if p.is_meta and not self._may_stay_meta(name)
         ]
         if leftover:
             raise RuntimeError(f"internal error: sliced model has unassigned tensors {leftover}")
@@ -814,6 +1087,10 @@ def slice_model(
     tied_embeddings: str = "auto",
     vocab_prior: float = 0.0,
     show_progress: bool = True,
+    offload: str | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> SlicedModelForCausalLM:
     """Slice a causal LM with SliceGPT and return a :class:`SlicedModelForCausalLM`.
 
@@ -844,6 +1121,19 @@ def slice_model(
         vocab_prior: weight of the vocabulary's own statistics (every token equally) in the first basis,
             relative to the calibration tokens; keeps rare tokens' directions when calibration text is narrow.
         show_progress: show tqdm bars.
+        offload: where the calibration activations wait between layers: ``None`` on ``device``, ``"cpu"`` in
+            host RAM (a GPU then holds one batch at a time), ``"disk"`` in a memory-mapped temporary file (host
+            RAM holds one batch at a time). The result is the same.
+        checkpoint_dir: keep a resumable partial state here (finished blocks, the carried basis and the
+            activations; safetensors and JSON). It is written once at the end and, with ``checkpoint_every``,
+            every that many layers. Delete it after saving the result.
+        checkpoint_every: checkpoint the partial state every this many layers (0: only at the end).
+        resume: continue from the partial state in ``checkpoint_dir`` if there is one (it must come from the
+            same model, calibration and settings); the result is bit-identical to an uninterrupted run's.
+
+    Under ``torchrun`` (``torch.distributed`` initialised, e.g. by
+    :func:`hf_slicegpt.distributed.init_from_environment`), each rank computes the layers on its share of the
+    calibration batches and the covariances are summed over ranks; every rank returns the same model.
 
     Example:
 
@@ -877,12 +1167,31 @@ def slice_model(
         raise SlicingError("rotation='global' slices the head with the same basis; drop slice_head=False")
     adapter = get_adapter(model.config)
     batches = calibration_batches(calibration, batch_size, model.config.vocab_size)
+    offload = check_offload(offload)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise SlicingError(
+            f"checkpoint_every must be a non-negative integer (layers), got {checkpoint_every!r}"
+        )
+    if checkpoint_every and checkpoint_dir is None:
+        raise SlicingError("checkpoint_every needs checkpoint_dir, the directory for the partial state")
+    local_batches = distributed.shard(batches)
+    if distributed.world_size() > len(batches):
+        logger.warning(
+            "%d ranks but only %d calibration batches: some ranks compute nothing; lower --batch-size",
+            distributed.world_size(),
+            len(batches),
+        )
     if device is None:
         device = model.get_input_embeddings().weight.device
     slicer = _Slicer(
         model,
         adapter,
-        batches,
+        local_batches,
+        all_batches=batches,
+        offload=offload,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=bool(resume),
         sparsity=sparsity,
         round_to=round_to,
         device=torch.device(device),
