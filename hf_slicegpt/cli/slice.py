@@ -1,0 +1,418 @@
+"""``hf-slicegpt slice MODEL --sparsity S --output DIR``: slice a model and save it with a report.
+
+The pipeline (:func:`run_slice`) is shared with ``hf-slicegpt demo``. Options that ``slice_model`` takes as
+keyword arguments are declared once in :data:`SLICE_MODEL_OPTIONS` and passed through untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._common import (
+    add_model_options,
+    add_parser,
+    add_text_source_options,
+    capped_seq_len,
+    default_device,
+    human_bytes,
+    positive_int,
+)
+
+logger = logging.getLogger("hf_slicegpt.cli")
+
+# Options forwarded verbatim to ``hf_slicegpt.slice_model``: (flag, argparse keyword arguments). The keyword
+# argument is the flag's ``dest``. A value left at ``None`` is not passed, so slice_model's own default applies.
+# Exposing a new slice_model option is one row here.
+SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--round-to",
+        {
+            "type": positive_int,
+            "default": None,
+            "help": "round each sliced width down to a multiple (default 8)",
+        },
+    ),
+    (
+        "--no-slice-head",
+        {
+            "dest": "slice_head",
+            "action": "store_false",
+            "default": None,
+            "help": "keep the head's input at full width",
+        },
+    ),
+    (
+        "--rotation",
+        {
+            "choices": ["layer", "global"],
+            "default": None,
+            "help": "layer: a basis per signal (the paper, default); global: one basis, no shortcut matrices, "
+            "exportable to the family's own architecture with --export native",
+        },
+    ),
+    (
+        "--schedule",
+        {
+            "choices": ["const", "variance"],
+            "default": None,
+            "help": "const: one width (default); variance: per-signal widths explaining a common variance "
+            "fraction, within the same parameter budget",
+        },
+    ),
+    (
+        "--mid-basis",
+        {
+            "choices": ["auto", "own", "shared"],
+            "default": None,
+            "help": "basis of each block's MLP input: own (the paper), shared with the block input (one shortcut "
+            "fewer), auto (default: shared only where a second shortcut would grow the block)",
+        },
+    ),
+    (
+        "--tied-embeddings",
+        {
+            "choices": ["auto", "project", "slice", "untie"],
+            "default": None,
+            "help": "tied vocabulary matrix: project (full width + small projections, exact), slice (sliced once; "
+            "RMSNorm families), untie (the reference's layout, larger); auto (default) picks slice for global "
+            "rotation of RMSNorm families, project otherwise",
+        },
+    ),
+    (
+        "--vocab-prior",
+        {
+            "type": float,
+            "default": None,
+            "help": "weight of the vocabulary's own statistics in the first basis (default 0)",
+        },
+    ),
+]
+
+
+def _option_dest(flag: str, kwargs: dict[str, Any]) -> str:
+    return kwargs.get("dest", flag.lstrip("-").replace("-", "_"))
+
+
+def slice_model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The :data:`SLICE_MODEL_OPTIONS` that were given, as ``slice_model`` keyword arguments."""
+    kwargs = {}
+    for flag, spec in SLICE_MODEL_OPTIONS:
+        value = getattr(args, _option_dest(flag, spec), None)
+        if value is not None:
+            kwargs[_option_dest(flag, spec)] = value
+    return kwargs
+
+
+@dataclass
+class SliceJob:
+    """Everything one slicing run needs; recorded as ``settings`` in the report."""
+
+    model: str
+    sparsity: float
+    output: str
+    calibration: str = "wikitext2"
+    num_samples: int = 128
+    seq_len: int = 2048
+    batch_size: int = 8
+    seed: int = 42
+    dtype: str | None = None
+    device: str | None = None
+    text_column: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_max_tokens: int | None = None
+    plots: bool = False
+    overwrite: bool = False
+    slice_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SliceResult:
+    model: Any  # SlicedModelForCausalLM
+    tokenizer: Any
+    report: dict[str, Any]
+    output: Path
+
+
+def _timer() -> tuple[dict[str, float], Any]:
+    seconds: dict[str, float] = {}
+
+    class _Phase:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            seconds[self.name] = time.perf_counter() - self.start
+
+    return seconds, _Phase
+
+
+def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
+    """Load, (evaluate,) slice, (evaluate,) and save atomically to ``job.output`` with ``slicing_report.json``.
+
+    Cheap checks (sparsity, output directory, text sources) run before the model is loaded, so a typo fails
+    in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
+    appears in one rename: a failed run leaves no directory behind.
+    """
+    from .. import report as reporting
+    from .. import slice_model, validate_sparsity
+    from ..data import calibration_tokens, evaluation_tokens, load_text
+    from ..evaluation import perplexity
+    from ..io import check_output_dir, write_checkpoint
+    from ..loading import load_model_and_tokenizer
+
+    sparsity = validate_sparsity(job.sparsity)
+    check_output_dir(job.output, job.overwrite)
+    seconds, phase = _timer()
+    start = time.perf_counter()
+
+    with phase("check_data"):  # fail fast on a bad source; the text is cached by `datasets` for reuse
+        load_text(
+            job.calibration,
+            purpose="calibration",
+            text_column=job.text_column,
+            split=job.split,
+            subset=job.subset,
+        )
+        if job.eval_data:
+            load_text(
+                job.eval_data,
+                purpose="evaluation",
+                text_column=job.text_column,
+                split=job.eval_split,
+                subset=job.subset,
+            )
+
+    with phase("load"):
+        model, tokenizer = load_model_and_tokenizer(job.model, dtype=job.dtype)
+        if tokenizer is None:
+            raise ValueError(
+                f"model {job.model!r} has no tokenizer; slicing needs one to read the calibration text"
+            )
+    seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
+
+    with phase("tokenize"):
+        calibration = calibration_tokens(
+            tokenizer,
+            job.calibration,
+            num_samples=job.num_samples,
+            seq_len=seq_len,
+            seed=job.seed,
+            text_column=job.text_column,
+            split=job.split,
+            subset=job.subset,
+        )
+        eval_ids = None
+        if job.eval_data:
+            eval_ids = evaluation_tokens(
+                tokenizer,
+                job.eval_data,
+                seq_len=seq_len,
+                max_tokens=job.eval_max_tokens,
+                text_column=job.text_column,
+                split=job.eval_split,
+                subset=job.subset,
+            )
+
+    device = job.device or default_device()
+    model.to(device)
+    dense_parameters = reporting.count_parameters(model)
+    dense_ppl = sliced_ppl = None
+    if eval_ids is not None:
+        with phase("dense_eval"):  # before slicing: slice_model consumes the dense model
+            logger.info("Perplexity of the dense model on %s", job.eval_data)
+            dense_ppl = perplexity(model, eval_ids, batch_size=job.batch_size, show_progress=show_progress)
+
+    with phase("slicing"):
+        sliced = slice_model(
+            model,
+            calibration,
+            sparsity,
+            batch_size=job.batch_size,
+            device=device,
+            show_progress=show_progress,
+            **job.slice_kwargs,
+        )
+        del model
+
+    if eval_ids is not None:
+        with phase("sliced_eval"):
+            logger.info("Perplexity of the sliced model on %s", job.eval_data)
+            sliced_ppl = perplexity(sliced, eval_ids, batch_size=job.batch_size, show_progress=show_progress)
+    seconds["total"] = time.perf_counter() - start
+
+    measured = None
+    if dense_ppl is not None and sliced_ppl is not None:
+        measured = {
+            "data": job.eval_data,
+            "seq_len": sliced_ppl.seq_len,
+            "tokens": sliced_ppl.tokens,
+            "dense": dense_ppl.perplexity,
+            "sliced": sliced_ppl.perplexity,
+            "dense_nll": dense_ppl.nll,
+            "sliced_nll": sliced_ppl.nll,
+        }
+    settings = asdict(job)
+    settings.update(seq_len=seq_len, device=str(device), sparsity=sparsity)
+    settings.pop("overwrite")
+    report = reporting.build_report(
+        sliced,
+        model=job.model,
+        settings=settings,
+        dense_parameters=dense_parameters,
+        seconds=seconds,
+        perplexity=measured,
+    )
+
+    def write(directory: Path) -> None:
+        sliced.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        reporting.write_report(report, directory)
+        if job.plots:
+            reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+
+    output = write_checkpoint(job.output, write, overwrite=job.overwrite)
+    return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
+
+
+def format_summary(report: dict[str, Any], output: Path | str) -> str:
+    """The one-screen summary printed after slicing."""
+    params = report["parameters"]
+    settings = report["settings"]
+    slicing = report.get("slicing") or {}
+    widths = sorted({row["attn_input_dim"] for row in report["layers"]})
+    lines = [
+        f"Sliced {report['model']} ({report.get('family')}, {len(report['layers'])} layers) at "
+        f"{settings['sparsity'] * 100:g}% sparsity in {report['seconds'].get('slicing', 0):.1f} s "
+        f"(total {report['seconds'].get('total', 0):.1f} s)",
+        f"  calibration    {settings['calibration']}: {settings['num_samples']} x {settings['seq_len']} tokens, "
+        f"seed {settings['seed']}",
+        f"  hidden size    {report['hidden_size']} -> {', '.join(map(str, widths))}"
+        f" (round-to {slicing.get('round_to', '?')})",
+        f"  parameters     {params['dense']:,} -> {params['sliced']:,} ({params['sliced_fraction']:.1%} of dense)",
+    ]
+    ppl = report.get("perplexity")
+    if ppl:
+        change = ppl["sliced"] / ppl["dense"] - 1
+        lines.append(
+            f"  perplexity     {ppl['dense']:.3f} -> {ppl['sliced']:.3f} ({change:+.1%}) on {ppl['data']} "
+            f"(held-out, {ppl['tokens']:,} tokens, seq-len {ppl['seq_len']})"
+        )
+    explained = report.get("explained_variance") or {}
+    if explained.get("min") is not None:
+        lines.append(
+            f"  variance kept  min {explained['min']:.1%}, mean {explained['mean']:.1%} "
+            f"over {len(report['signals'])} signals"
+        )
+    memory = report["peak_memory"]
+    mem = f"{human_bytes(memory['max_rss_bytes'])} RSS"
+    if memory.get("cuda_max_allocated_bytes"):
+        mem += f", {human_bytes(memory['cuda_max_allocated_bytes'])} CUDA"
+    lines.append(f"  peak memory    {mem}")
+    lines.append(f"  saved to       {output} (report: slicing_report.json)")
+    return "\n".join(lines)
+
+
+def register(subparsers: Any) -> None:
+    parser = add_parser(
+        subparsers,
+        "slice",
+        help="slice a model with SliceGPT and save it",
+        description="Slice MODEL (hub id, checkpoint directory, .gguf file or 'smollm2') with SliceGPT and save "
+        "the sliced checkpoint, its tokenizer and slicing_report.json to --output.",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help="hub id, local checkpoint directory, .gguf file, or smollm2"
+    )
+    parser.add_argument(
+        "--sparsity", type=float, required=True, help="fraction of the hidden size to remove, in [0, 1)"
+    )
+    parser.add_argument("--output", "-o", required=True, help="directory for the sliced checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
+    data = parser.add_argument_group("calibration data")
+    data.add_argument(
+        "--calibration",
+        default="wikitext2",
+        metavar="SOURCE",
+        help="wikitext2|ptb|c4|alpaca, pydocs (offline), a hub dataset id, or a local .txt/dir/.jsonl/.json/.parquet",
+    )
+    data.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences")
+    data.add_argument(
+        "--seq-len", type=positive_int, default=2048, help="tokens per sequence (capped by the model)"
+    )
+    data.add_argument("--seed", type=int, default=42, help="picks which calibration windows are used")
+    add_text_source_options(
+        data, split_help="dataset split to calibrate on (default: the source's train part)"
+    )
+    evaluation = parser.add_argument_group("evaluation (optional)")
+    evaluation.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="SOURCE",
+        help="measure perplexity before and after slicing on SOURCE",
+    )
+    evaluation.add_argument(
+        "--eval-split", default=None, help="split of --eval-data (default: its held-out part)"
+    )
+    evaluation.add_argument(
+        "--eval-max-tokens",
+        type=positive_int,
+        default=None,
+        help="cap the evaluation tokens, to bound the time",
+    )
+    run = parser.add_argument_group("computation")
+    run.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    add_model_options(run)
+    for flag, spec in SLICE_MODEL_OPTIONS:
+        run.add_argument(flag, **spec)
+    parser.add_argument(
+        "--plots", action="store_true", help="also write eigenvalue-spectrum PNGs to DIR/plots"
+    )
+    parser.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    job = SliceJob(
+        model=args.model,
+        sparsity=args.sparsity,
+        output=args.output,
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        text_column=args.text_column,
+        split=args.split,
+        subset=args.subset,
+        eval_data=args.eval_data,
+        eval_split=args.eval_split,
+        eval_max_tokens=args.eval_max_tokens,
+        plots=args.plots,
+        overwrite=args.overwrite,
+        slice_kwargs=slice_model_kwargs(args),
+    )
+    result = run_slice(job, show_progress=not getattr(args, "quiet", False))
+    print(format_summary(result.report, result.output))
+    return 0
+
+
+__all__ = [
+    "SLICE_MODEL_OPTIONS",
+    "SliceJob",
+    "SliceResult",
+    "format_summary",
+    "run_slice",
+    "slice_model_kwargs",
+]
