@@ -161,14 +161,27 @@ def _dense_parameters(family_config: Any) -> int | None:
 
 
 def _existing_metadata(directory: Path) -> dict[str, Any]:
+    """Metadata worth carrying over from an existing card (ours, or one PEFT wrote).
+
+    A ``base_model`` that is not a Hub id (PEFT writes the local path) and the Hub's derived
+    ``base_model:...`` tags are dropped; evaluation results are rebuilt, never carried over.
+    """
     card = directory / CARD_NAME
     if not card.is_file():
         return {}
     try:
-        return ModelCard.load(card, ignore_metadata_errors=True).data.to_dict()
+        data = ModelCard.load(card, ignore_metadata_errors=True).data.to_dict()
     except (OSError, ValueError) as exc:
         logger.warning("Ignoring the metadata of %s: %s", card, exc)
         return {}
+    base = data.get("base_model")
+    if isinstance(base, list) or not _is_repo_id(base):
+        data.pop("base_model", None)
+    data["tags"] = [
+        t for t in data.get("tags") or [] if isinstance(t, str) and not t.startswith("base_model:")
+    ]
+    data.pop("model-index", None)
+    return data
 
 
 def is_generated_card(directory: str | os.PathLike) -> bool:

@@ -1,0 +1,247 @@
+"""The lm-eval bridge: one metric per task, the paper's choices, and a real run on a local task (offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import calibration, make_tiny
+from tiny_tokenizer import char_tokenizer
+
+import hf_slicegpt
+from hf_slicegpt.zeroshot import (
+    PAPER_TASKS,
+    ZeroShotError,
+    evaluate_tasks,
+    format_table,
+    parse_results,
+    parse_tasks,
+)
+
+pytest.importorskip("lm_eval")
+
+DOCS = [
+    {"question": "Q: 1+1=", "choices": ["2", "three", "eleven"], "label": 0},
+    {"question": "Q: the sky is", "choices": ["blue", "a", "green tea"], "label": 0},
+    {"question": "Q: cats say", "choices": ["woof woof", "meow"], "label": 1},
+    {"question": "Q: 10/2=", "choices": ["5", "20", "two hundred"], "label": 0},
+    {"question": "Q: ice is", "choices": ["hot", "cold"], "label": 1},
+    {"question": "Q: abc", "choices": ["d", "xyz", "ab"], "label": 2},
+    {"question": "Q: python is a", "choices": ["language", "lake"], "label": 0},
+    {"question": "Q: 3*3=", "choices": ["6", "9", "33"], "label": 1},
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    """Two local lm-eval tasks on one local JSONL file: one reports acc, the other acc and acc_norm."""
+    directory = tmp_path_factory.mktemp("tasks")
+    data = directory / "docs.jsonl"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS), encoding="utf-8")
+    for name, metrics in (("tiny_acc", ["acc"]), ("tiny_norm", ["acc", "acc_norm"])):
+        metric_list = "".join(
+            f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n" for m in metrics
+        )
+        (directory / f"{name}.yaml").write_text(
+            textwrap.dedent(
+                f"""\
+                task: {name}
+                dataset_path: json
+                dataset_kwargs:
+                  data_files:
+                    test: {data}
+                test_split: test
+                output_type: multiple_choice
+                doc_to_text: "{{{{question}}}}"
+                doc_to_target: label
+                doc_to_choice: "{{{{choices}}}}"
+                metadata:
+                  version: 1.0
+                metric_list:
+                """
+            )
+            + metric_list,
+            encoding="utf-8",
+        )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sliced():
+    model = hf_slicegpt.slice_model(make_tiny("llama"), calibration(), 0.25, round_to=4, show_progress=False)
+    return model.eval()
+
+
+def _expected_accuracies(model, tokenizer) -> tuple[float, float]:
+    """acc and acc_norm computed by hand: sum of continuation log-probs, normalised by characters for acc_norm."""
+    acc = acc_norm = 0
+    for doc in DOCS:
+        scores = []
+        for choice in doc["choices"]:
+            context = tokenizer(doc["question"]).input_ids
+            whole = tokenizer(doc["question"] + " " + choice).input_ids
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([whole])).logits[0].float()
+            logprobs = F.log_softmax(logits[:-1], dim=-1)
+            targets = torch.tensor(whole[1:])
+            token_lp = logprobs[torch.arange(len(targets)), targets]
+            scores.append(token_lp[len(context) - 1 :].sum().item())
+        acc += max(range(len(scores)), key=scores.__getitem__) == doc["label"]
+        normed = [s / len(c) for s, c in zip(scores, doc["choices"])]
+        acc_norm += max(range(len(normed)), key=normed.__getitem__) == doc["label"]
+    return acc / len(DOCS), acc_norm / len(DOCS)
+
+
+def test_local_tasks_on_a_model_in_memory_match_a_hand_computation(sliced, task_dir):
+    tokenizer = char_tokenizer()
+    result = evaluate_tasks(
+        sliced, tokenizer, "tiny_acc,tiny_norm", include_path=task_dir, include_defaults=False, batch_size=4
+    )
+    acc, acc_norm = _expected_accuracies(sliced, tokenizer)
+    assert result["tasks"]["tiny_acc"]["metric"] == "acc"  # the only metric it reports
+    assert result["tasks"]["tiny_norm"]["metric"] == "acc_norm"  # preferred when present
+    assert result["tasks"]["tiny_acc"]["value"] == pytest.approx(acc)
+    assert result["tasks"]["tiny_norm"]["value"] == pytest.approx(acc_norm)
+    assert result["average"] == pytest.approx((acc + acc_norm) / 2)
+    assert result["tasks"]["tiny_acc"]["samples"] == len(DOCS)
+    assert result["tasks"]["tiny_acc"]["split"] == "test"
+    assert result["num_fewshot"] == 0
+
+    override = evaluate_tasks(
+        sliced,
+        tokenizer,
+        ["tiny_norm"],
+        include_path=task_dir,
+        include_defaults=False,
+        metrics={"tiny_norm": "acc"},
+        limit=4,
+    )
+    assert override["tasks"]["tiny_norm"]["metric"] == "acc"
+    assert override["tasks"]["tiny_norm"]["samples"] == 4
+
+
+def test_a_saved_sliced_checkpoint_runs_through_lm_evals_own_loader(sliced, task_dir, tmp_path):
+    tokenizer = char_tokenizer()
+    sliced.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save_pretrained(tmp_path / "ckpt")
+    in_memory = evaluate_tasks(sliced, tokenizer, "tiny_norm", include_path=task_dir, include_defaults=False)
+    from_path = evaluate_tasks(
+        str(tmp_path / "ckpt"), None, "tiny_norm", include_path=task_dir, include_defaults=False, device="cpu"
+    )
+    assert from_path["tasks"] == in_memory["tasks"]
+    assert from_path["model"] == str(tmp_path / "ckpt")
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch, transformers and lm-eval: ~30 s on an idle 2-core CPU
+def test_lm_eval_loads_a_sliced_checkpoint_without_the_plugin(sliced, tmp_path):
+    """A fresh interpreter that never imports hf_slicegpt: `pretrained=DIR,trust_remote_code=True` is enough."""
+    tokenizer = char_tokenizer()
+    directory = tmp_path / "ckpt"
+    sliced.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    context, continuation = "Q: 1+1=", " 2"
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        from lm_eval.models.huggingface import HFLM
+        lm = HFLM(pretrained={str(directory)!r}, trust_remote_code=True, device="cpu", batch_size=1)
+        class Request:
+            args = ({context!r}, {continuation!r})
+        (logprob, _), = lm.loglikelihood([Request()], disable_tqdm=True)
+        print(json.dumps({{"module": type(lm.model).__module__, "logprob": logprob,
+                          "plugin": "hf_slicegpt" in sys.modules}}))
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["plugin"]
+    assert out["module"].startswith("transformers_modules.")  # the modeling code shipped with the checkpoint
+
+    ids = tokenizer(context + continuation).input_ids
+    n_context = len(tokenizer(context).input_ids)
+    with torch.no_grad():
+        logprobs = F.log_softmax(sliced(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    expected = logprobs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][n_context - 1 :].sum().item()
+    assert out["logprob"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_unknown_tasks_and_missing_tokenizers_are_refused(sliced, task_dir):
+    with pytest.raises(ZeroShotError, match="unknown lm-eval task"):
+        evaluate_tasks(sliced, char_tokenizer(), "tiny_nope", include_path=task_dir, include_defaults=False)
+    with pytest.raises(ZeroShotError, match="tokenizer"):
+        evaluate_tasks(sliced, None, "tiny_acc", include_path=task_dir, include_defaults=False)
+
+
+def _raw(task_metrics: dict[str, dict[str, object]]) -> dict[str, object]:
+    return {
+        "results": {task: {"alias": task, **metrics} for task, metrics in task_metrics.items()},
+        "configs": {
+            task: {"dataset_path": f"org/{task}", "validation_split": "validation"} for task in task_metrics
+        },
+        "n-samples": {task: {"original": 100, "effective": 100} for task in task_metrics},
+        "lm_eval_version": "0.4.13",
+    }
+
+
+def test_paper_tasks_report_the_papers_metrics_and_their_average():
+    values = {"piqa": 0.6, "winogrande": 0.5, "hellaswag": 0.4, "arc_easy": 0.55, "arc_challenge": 0.3}
+    raw = _raw(
+        {
+            task: {
+                "acc,none": value - 0.05,
+                "acc_stderr,none": 0.01,
+                **({} if task == "winogrande" else {"acc_norm,none": value, "acc_norm_stderr,none": "N/A"}),
+            }
+            for task, value in values.items()
+        }
+    )
+    raw["results"]["winogrande"]["acc,none"] = values["winogrande"]
+    result = parse_results(raw, PAPER_TASKS)
+    metrics = {task: score["metric"] for task, score in result["tasks"].items()}
+    assert metrics == {
+        "piqa": "acc_norm",
+        "winogrande": "acc",
+        "hellaswag": "acc_norm",
+        "arc_easy": "acc_norm",
+        "arc_challenge": "acc_norm",
+    }
+    assert {task: score["value"] for task, score in result["tasks"].items()} == pytest.approx(values)
+    assert result["average"] == pytest.approx(sum(values.values()) / 5)
+    assert result["tasks"]["piqa"]["stderr"] is None  # "N/A"
+    assert result["tasks"]["winogrande"]["stderr"] == 0.01
+    assert result["tasks"]["arc_easy"]["dataset_path"] == "org/arc_easy"
+
+    table = format_table(result)
+    assert "winogrande" in table and "acc_norm" in table and "average" in table
+    assert f"{sum(values.values()) / 5:.4f}" in table
+
+
+def test_a_paper_task_without_its_metric_is_an_error():
+    with pytest.raises(ZeroShotError, match="no metric 'acc_norm'"):
+        parse_results(_raw({"piqa": {"acc,none": 0.5}}), ["piqa"])
+
+
+def test_parse_tasks():
+    assert parse_tasks("paper") == list(PAPER_TASKS)
+    assert parse_tasks("piqa, winogrande,piqa") == ["piqa", "winogrande"]
+    assert parse_tasks(["arc_easy", "paper"])[:2] == ["arc_easy", "piqa"]
+    with pytest.raises(ZeroShotError, match="no task names"):
+        parse_tasks(" , ")
