@@ -175,8 +175,16 @@ def evaluate_tasks(
             max_length=max_length,
         )
 
-    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
-    manager = TaskManager(include_path=[str(p) for p in paths] or None, include_defaults=include_defaults)
+    paths = [
+        str(p)
+        for p in ([include_path] if isinstance(include_path, (str, os.PathLike)) else include_path or [])
+    ]
+    manager = None
+    if paths and include_defaults:
+        # Indexing lm-eval's thousands of built-in task files takes a while: skip it when the local tasks suffice.
+        local = TaskManager(include_path=paths, include_defaults=False)
+        manager = local if all(name in local.all_tasks for name in names) else None
+    manager = manager or TaskManager(include_path=paths or None, include_defaults=include_defaults)
     unknown = [name for name in names if name not in manager.all_tasks]
     if unknown:
         raise ZeroShotError(
@@ -202,6 +210,41 @@ def evaluate_tasks(
     if raw is None:  # a non-zero rank under torch.distributed
         return {}
     return parse_results(raw, names, metrics=metrics, model=model_name, num_fewshot=num_fewshot, limit=limit)
+
+
+def evaluate_checkpoint(
+    source: str,
+    tasks: str | Sequence[str] = PAPER_TASKS,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    save: bool = False,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Load ``source`` like every hf-slicegpt command (hub id, directory, ``.gguf``, ``smollm2``) and run
+    :func:`evaluate_tasks` on it in memory; ``save`` writes ``zeroshot_results.json`` into a checkpoint
+    directory, where its model card picks the results up. ``kwargs`` go to :func:`evaluate_tasks`.
+    """
+    import gc
+
+    import torch
+
+    from .loading import load_model_and_tokenizer
+
+    parse_tasks(tasks)  # fail on a malformed list before loading
+    if save and not (Path(source) / "config.json").is_file():
+        raise ZeroShotError(f"saving results needs a checkpoint directory, got {source!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=device)
+    if tokenizer is None:
+        raise ZeroShotError(f"model {source!r} has no tokenizer; lm-eval needs one")
+    result = evaluate_tasks(model, tokenizer, tasks, **kwargs)
+    result["model"] = source
+    del model
+    gc.collect()
+    if save:
+        logger.info("Wrote %s", save_results(result, source))
+    return result
 
 
 def parse_results(
@@ -294,6 +337,7 @@ __all__ = [
     "PRIMARY_METRICS",
     "RESULTS_NAME",
     "ZeroShotError",
+    "evaluate_checkpoint",
     "evaluate_tasks",
     "format_table",
     "parse_results",

@@ -245,3 +245,28 @@ def test_parse_tasks():
     assert parse_tasks(["arc_easy", "paper"])[:2] == ["arc_easy", "piqa"]
     with pytest.raises(ZeroShotError, match="no task names"):
         parse_tasks(" , ")
+
+
+def test_cli_eval_tasks_prints_a_table_and_saves_results_for_the_card(sliced, task_dir, tmp_path, capsys):
+    from hf_slicegpt.cli import main
+    from hf_slicegpt.hub import build_model_card
+
+    directory = tmp_path / "ckpt"
+    sliced.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    argv = ["eval", str(directory), "--tasks", "tiny_acc,tiny_norm", "--include-path", str(task_dir)]
+    assert main([*argv, "--device", "cpu", "--save-results", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_acc" in out and "acc_norm" in out and "average" in out
+    saved = json.loads((directory / "zeroshot_results.json").read_text())
+    assert set(saved["tasks"]) == {"tiny_acc", "tiny_norm"}
+
+    assert main([*argv, "--device", "cpu", "--json", "-q"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["model"] == str(directory) and row["zero_shot"]["tasks"] == saved["tasks"]
+
+    card = build_model_card(directory)
+    assert "acc_norm (0-shot)" in str(card) and "| tiny_norm | acc_norm |" in card.text
+
+    assert main(["eval", str(directory), "-q"]) == 1  # neither --data nor --tasks
+    assert "nothing to evaluate" in capsys.readouterr().err
