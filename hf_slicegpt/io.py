@@ -99,6 +99,35 @@ def recover(target: str | os.PathLike) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def publish_directory(source: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Move the finished directory ``source`` to ``target`` in one atomic step, replacing any ``target``.
+
+    ``source`` must be on the same file system (a sibling of ``target``); its files are flushed first. An
+    existing ``target`` is swapped out atomically and then removed (without the exchange: moved aside and
+    removed after the rename; :func:`recover` undoes a crash between the two renames).
+    """
+    source, target = Path(source).absolute(), Path(target).absolute()
+    _fsync_tree(source)
+    if target.exists() and _exchange(source, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(source, ignore_errors=True)  # it now holds the old checkpoint
+    elif target.exists():
+        old = target.parent / f".{target.name}.{os.getpid()}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        try:
+            os.replace(source, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+        _fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+        _fsync_dir(target.parent)
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``target`` to write into; rename it into place on success.
@@ -113,24 +142,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
-        if target.exists() and _exchange(tmp, target):
-            _fsync_dir(target.parent)
-            shutil.rmtree(tmp, ignore_errors=True)  # it now holds the old checkpoint
-        elif target.exists():
-            old = target.parent / f".{target.name}.{os.getpid()}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-            _fsync_dir(target.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-            _fsync_dir(target.parent)
+        publish_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,4 +158,11 @@ def write_checkpoint(
     return Path(target)
 
 
-__all__ = ["OutputExistsError", "atomic_directory", "check_output_dir", "recover", "write_checkpoint"]
+__all__ = [
+    "OutputExistsError",
+    "atomic_directory",
+    "check_output_dir",
+    "publish_directory",
+    "recover",
+    "write_checkpoint",
+]
