@@ -6,10 +6,11 @@ it, so errors do not compound. Attention and MLP outputs are rotated after the f
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,11 @@ logger = logging.getLogger(__name__)
 # How covariance sums are accumulated (see hf_slicegpt.pca.Covariance): "mixed" (float32 products of row
 # chunks summed in float64; measured to give the same sliced model, about twice as fast on a CPU) or "float64".
 COVARIANCE_PRECISION = "mixed"
+
+# The slicer class slice_model builds; the low-memory path (hf_slicegpt.streaming) sets its own for one call.
+_SLICER_FACTORY: contextvars.ContextVar[Callable[..., Any] | None] = contextvars.ContextVar(
+    "slicer_factory", default=None
+)
 
 
 class SlicingError(ValueError):
@@ -1183,7 +1189,7 @@ def slice_model(
         )
     if device is None:
         device = model.get_input_embeddings().weight.device
-    slicer = _Slicer(
+    slicer = (_SLICER_FACTORY.get() or _Slicer)(
         model,
         adapter,
         local_batches,
