@@ -280,6 +280,9 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
         reporting.write_report(report, directory)
         if job.plots:
             reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+        from ..hub import write_model_card
+
+        write_model_card(directory, name=Path(job.output).name)  # README.md, from the files just written
 
     output = write_checkpoint(job.output, write, overwrite=job.overwrite)
     return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)

@@ -1,0 +1,7 @@
+"""``python -m hf_slicegpt.cli``: the same as the ``hf-slicegpt`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
