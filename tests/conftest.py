@@ -11,6 +11,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Tiny models gain nothing from intra-op threads, and `make test` runs one pytest worker per core.
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 # Hypothesis budgets: small and reproducible by default (derandomized, so CI never flakes); a longer random
 # search with HYPOTHESIS_PROFILE=long (e.g. `HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`).
 try:
