@@ -12,9 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Tiny models gain nothing from intra-op threads, and `make test` runs one pytest worker per core.
-import torch  # noqa: E402
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
 
-torch.set_num_threads(1)
+    torch.set_num_threads(1)
 
 # Hypothesis budgets: small and reproducible by default (derandomized, so CI never flakes); a longer random
 # search with HYPOTHESIS_PROFILE=long (e.g. `HYPOTHESIS_PROFILE=long pytest tests/test_properties.py`).
