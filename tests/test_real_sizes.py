@@ -1,0 +1,45 @@
+"""Size targets on the real SmolLM2-135M (tied embeddings, 49k vocabulary): never larger than dense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_slicegpt
+from hf_slicegpt.export import to_native
+from hf_slicegpt.loading import load_model_and_tokenizer
+
+pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+
+# Widths do not depend on the calibration text, only the bases do: a little random text keeps this fast.
+CALIBRATION = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def dense_count() -> int:
+    model, _ = load_model_and_tokenizer("smollm2")
+    return _count(model)
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.25, 0.3])
+def test_per_layer_mode_is_smaller_than_dense(sparsity: float, dense_count: int) -> None:
+    model, _ = load_model_and_tokenizer("smollm2")
+    sliced = hf_slicegpt.slice_model(model, CALIBRATION, sparsity, show_progress=False)
+    ratio = _count(sliced) / dense_count
+    assert ratio < 1.0, f"{sparsity:.0%}: {ratio:.3f}x dense"
+    if sparsity == 0.25:
+        assert ratio <= 0.90, f"25% per-layer: {ratio:.3f}x dense (target <= 0.90)"
+        assert sliced.lm_head.weight is sliced.model.embed_tokens.weight
+
+
+def test_global_mode_at_25_percent(dense_count: int) -> None:
+    model, _ = load_model_and_tokenizer("smollm2")
+    sliced = hf_slicegpt.slice_model(model, CALIBRATION, 0.25, rotation="global", show_progress=False)
+    assert _count(sliced) / dense_count <= 0.78
+    native = to_native(sliced)
+    assert type(native).__name__ == "LlamaForCausalLM"
+    assert _count(native) < dense_count
