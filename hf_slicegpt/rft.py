@@ -36,6 +36,7 @@ MODEL_TYPE = "slicegpt"
 REPORT_NAME = "rft_report.json"
 REPORT_FORMAT = 1
 SLICING_REPORT_NAME = "slicing_report.json"
+_ABSENT = object()
 
 # Linear layers inside a sliced block, under the names each family gives them (the sliced model keeps the
 # family's attention and MLP modules). Listed generously: a name a family does not use matches nothing.
@@ -294,7 +295,6 @@ def _perplexity(model: nn.Module, ids: torch.LongTensor | None, batch_size: int,
         return None
     from .evaluation import perplexity
 
-    model.config.use_cache = False
     return perplexity(model, ids, batch_size=batch_size, show_progress=show_progress)
 
 
@@ -552,7 +552,8 @@ def _train(
         dataloader_pin_memory=torch.cuda.is_available() and not config.use_cpu,
     )
     model.to(args.device)
-    model.config.use_cache = False
+    use_cache = model.config.__dict__.get("use_cache", _ABSENT)
+    model.config.use_cache = False  # no KV cache while training; restored before saving
 
     # Every rank measures (ranks stay in step; the main process reports): LoRA starts at zero, so the base
     # model's perplexity is the starting point.
@@ -631,6 +632,10 @@ def _train(
             # works offline (for the Hub, point it at the sliced model's repo id before pushing).
             peft_model.peft_config["default"].base_model_name_or_path = base_ref
     result_model.eval()
+    if use_cache is _ABSENT:
+        del model.config.use_cache
+    else:
+        model.config.use_cache = use_cache
 
     written = None
     if output_dir is not None and trainer.is_world_process_zero():

@@ -113,6 +113,7 @@ def test_merged_output_is_a_sliced_checkpoint_equal_to_the_trained_model(sliced_
 
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(reloaded) is hf_slicegpt.SlicedModelForCausalLM
+    assert "use_cache" not in json.loads((out / "config.json").read_text())  # training's False is not saved
     reloaded_logits = _logits(reloaded, held_out)
     assert torch.allclose(reloaded_logits, _logits(result.model, held_out), atol=1e-5)
     assert (reloaded_logits - base_logits).abs().max() > 1e-3  # the LoRA update is really in the weights
