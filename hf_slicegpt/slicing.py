@@ -529,6 +529,7 @@ class _Slicer:
     def _restore_block(self, idx: int, tensors: dict[str, torch.Tensor]):
         """Rebuild sliced block ``idx`` from its saved tensors, on the dense block's modules."""
         adapter, meta = self.adapter, any(t.is_meta for t in tensors.values())
+        device = "meta" if meta else self.home
         layer = self.model.get_submodule(adapter.layers)[idx]
         attn, mlp = layer.get_submodule(adapter.attention), self._mlp_module(layer)
         mlp_linears = ("fc1", "fc2") if adapter.mlp is None else (*adapter.mlp_inputs, adapter.mlp_output)
@@ -541,14 +542,14 @@ class _Slicer:
                 k[len(prefix + key) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{prefix}{key}.")
             }
             for name in names:
-                linear = _to_linear(own[f"{name}.weight"], own.get(f"{name}.bias"), self.dtype, self.home)
+                linear = _to_linear(own[f"{name}.weight"], own.get(f"{name}.bias"), self.dtype, device)
                 self._replace(owner, name, linear)
             if not meta:
                 owner.load_state_dict(own, strict=True)
 
         def shortcut(name: str) -> nn.Linear | None:
             weight = tensors.get(f"{prefix}{name}.weight")
-            return None if weight is None else _to_linear(weight, None, self.dtype, self.home)
+            return None if weight is None else _to_linear(weight, None, self.dtype, device)
 
         return attn, mlp, shortcut("attn_shortcut"), shortcut("mlp_shortcut")
 

@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import distributed
 from .adapters import get_adapter
-from .io import check_output_dir, recover
+from .io import check_output_dir, publish_directory, recover
 from .modeling.modeling_sliced import SlicedModelForCausalLM
 from .offload import check_offload
 from .resume import load_tensors, shard_name
@@ -324,26 +324,10 @@ def slice_checkpoint(
         holder["slicer"].partial.clear_state()
         if extra_files is not None:
             extra_files(staging)
-        _replace_dir(staging, output)
+        publish_directory(staging, output)
         logger.info("Wrote %s", output)
     distributed.barrier()
     return sliced
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing ``target`` is moved aside and removed after the rename."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    if target.exists():
-        old = target.parent / f".{target.name}.{os.getpid()}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
 
 
 __all__ = [

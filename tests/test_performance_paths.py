@@ -1,0 +1,299 @@
+"""The performance and scale paths give the same sliced model as the plain one.
+
+- activations offloaded to host RAM or a memory-mapped file: identical weights;
+- the low-memory path (blocks streamed from safetensors, written shard by shard): the same tensors and config
+  as ``slice_model`` + ``save_pretrained``, loadable with ``from_pretrained``;
+- resumable slicing: an interrupted run (an exception, or SIGKILL of a subprocess) resumed from its partial
+  state writes a checkpoint bit-identical to an uninterrupted run's; a state from other settings is refused;
+- data-parallel calibration: 2 processes (torchrun, gloo) give the same weights as 1 (relative diff < 1e-6);
+- mixed-precision covariance sums agree with float64 ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import calibration, make_tiny
+from transformers import AutoModelForCausalLM
+
+import hf_slicegpt
+from hf_slicegpt import slicing
+from hf_slicegpt.offload import OffloadError
+from hf_slicegpt.pca import Covariance, NonFiniteSignalError
+from hf_slicegpt.resume import ResumeError
+from hf_slicegpt.streaming import slice_checkpoint, staging_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+def _stats(model) -> list[tuple[str, list[float]]]:
+    return [(s.name, s.eigenvalues) for s in model.slicing_stats]
+
+
+def _dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A 4-layer tiny LLaMA with tied embeddings, its calibration, and its plain sliced state."""
+    dense = make_tiny("llama_tied", seed=0, num_hidden_layers=4)
+    ids = calibration(16, 16, seed=1)
+    sliced = hf_slicegpt.slice_model(copy.deepcopy(dense), ids, 0.25, batch_size=4, show_progress=False)
+    return dense, ids, _state(sliced), _stats(sliced)
+
+
+# -- offloaded activations --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_offloaded_activations_give_identical_weights(reference, offload):
+    dense, ids, expected, stats = reference
+    sliced = hf_slicegpt.slice_model(
+        copy.deepcopy(dense), ids, 0.25, batch_size=4, offload=offload, show_progress=False
+    )
+    _assert_same(_state(sliced), expected)
+
+
+def test_bad_offload_names_the_choices():
+    with pytest.raises(OffloadError, match="'cpu', 'disk'"):
+        hf_slicegpt.slice_model(
+            make_tiny("llama"), calibration(4, 8), 0.25, offload="gpu", show_progress=False
+        )
+
+
+# -- mixed-precision covariance -------------------------------------------------------------------------------
+def test_mixed_covariance_matches_float64():
+    torch.manual_seed(0)
+    x = torch.randn(3000, 48) * torch.linspace(0.01, 10, 48)
+    mixed, exact = Covariance(48, precision="mixed"), Covariance(48, precision="float64")
+    mixed.add(x)
+    exact.add(x)
+    assert mixed.tokens == exact.tokens == 3000
+    rel = (mixed.sum - exact.sum).abs().max() / exact.sum.abs().max()
+    assert rel < 1e-6
+
+
+def test_mixed_covariance_redoes_float32_overflow_in_float64():
+    x = torch.full((4, 3), 1e20)  # x^2 overflows float32, not float64
+    cov = Covariance(3, precision="mixed")
+    cov.add(x)
+    assert torch.isfinite(cov.sum).all() and cov.sum[0, 0] == pytest.approx(4e40, rel=1e-6)
+    with pytest.raises(NonFiniteSignalError, match="NaN or Inf"):
+        cov.add(torch.tensor([[float("nan"), 1.0, 2.0]]))
+
+
+# -- low-memory path --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,offload", [("llama_tied", "disk"), ("opt", "cpu")])
+def test_streaming_checkpoint_equals_slice_model_and_save_pretrained(tmp_path, family, offload):
+    dense = make_tiny(family, seed=0, num_hidden_layers=3)
+    ids = calibration(8, 16, seed=2)
+    dense.save_pretrained(tmp_path / "dense")
+    plain = hf_slicegpt.slice_model(copy.deepcopy(dense), ids, 0.25, batch_size=4, show_progress=False)
+    plain.save_pretrained(tmp_path / "plain")
+
+    handle = slice_checkpoint(
+        tmp_path / "dense",
+        ids,
+        0.25,
+        tmp_path / "streamed",
+        batch_size=4,
+        offload=offload,
+        show_progress=False,
+    )
+    streamed = tmp_path / "streamed"
+    _assert_same(_dir_tensors(streamed), _dir_tensors(tmp_path / "plain"))
+    # One shard per block, plus one for embeddings/head, with an index that names them all.
+    index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4
+    config, expected = (json.loads((d / "config.json").read_text()) for d in (streamed, tmp_path / "plain"))
+    for c in (config, expected):
+        c["family_config"].pop("_name_or_path", None)
+    assert config == expected
+    assert not staging_dir(streamed).exists()
+    assert handle.slicing_stats and handle.config.attn_input_dims == plain.config.attn_input_dims
+    loaded = AutoModelForCausalLM.from_pretrained(streamed)
+    assert torch.equal(loaded(ids[:2]).logits, plain(ids[:2]).logits)
+
+
+def test_streaming_refuses_a_directory_without_safetensors(tmp_path):
+    from hf_slicegpt.streaming import StreamingError
+
+    make_tiny("llama").config.save_pretrained(tmp_path)
+    with pytest.raises(StreamingError, match="safetensors"):
+        slice_checkpoint(tmp_path, calibration(4, 8), 0.25, tmp_path / "out", show_progress=False)
+
+
+# -- resume -----------------------------------------------------------------------------------------------------
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_is_bit_identical(reference, tmp_path, monkeypatch):
+    dense, ids, expected, stats = reference
+    state = tmp_path / "state"
+    original = slicing._Slicer._checkpoint
+    calls = []
+
+    def interrupt_after_two(self, done, n, *args):
+        original(self, done, n, *args)
+        calls.append(done)
+        if done == 2:
+            raise _Interrupt
+
+    monkeypatch.setattr(slicing._Slicer, "_checkpoint", interrupt_after_two)
+    with pytest.raises(_Interrupt):
+        hf_slicegpt.slice_model(
+            copy.deepcopy(dense), ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1,
+            show_progress=False,
+        )  # fmt: skip
+    assert json.loads((state / "state.json").read_text())["layers_done"] == 2
+    monkeypatch.setattr(slicing._Slicer, "_checkpoint", original)
+
+    fetched = []
+    fetch = slicing._Slicer._fetch_layer
+    monkeypatch.setattr(
+        slicing._Slicer, "_fetch_layer", lambda self, idx: fetched.append(idx) or fetch(self, idx)
+    )
+    resumed = hf_slicegpt.slice_model(
+        copy.deepcopy(dense), ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1, resume=True,
+        show_progress=False,
+    )  # fmt: skip
+    assert fetched == [2, 3]  # the finished blocks were not recomputed
+    _assert_same(_state(resumed), expected)
+    assert _stats(resumed) == stats
+
+    # A state made with other settings is refused, not silently mixed in.
+    with pytest.raises(ResumeError, match="different slicing run"):
+        hf_slicegpt.slice_model(
+            copy.deepcopy(dense),
+            ids,
+            0.3,
+            batch_size=4,
+            checkpoint_dir=state,
+            resume=True,
+            show_progress=False,
+        )
+
+
+def test_resume_needs_a_checkpoint_dir():
+    with pytest.raises(slicing.SlicingError, match="checkpoint_dir"):
+        hf_slicegpt.slice_model(make_tiny("llama"), calibration(4, 8), 0.25, resume=True, show_progress=False)
+
+
+_SLOW_SLICE = """
+import sys, time
+from hf_slicegpt import slicing
+original = slicing._Slicer._checkpoint
+def slow(self, done, n, *args):
+    original(self, done, n, *args)
+    if {delay} and done < n:
+        time.sleep({delay})  # time for the test to see the state and kill us
+slicing._Slicer._checkpoint = slow
+from hf_slicegpt.streaming import slice_checkpoint
+from tiny import calibration
+slice_checkpoint(sys.argv[1], calibration(16, 16, seed=1), 0.25, sys.argv[2], batch_size=4,
+                 checkpoint_every=1, resume={resume}, show_progress=False)
+"""
+
+
+def _slice_process(tmp_path: Path, output: Path, delay: float, resume: bool) -> subprocess.Popen:
+    script = tmp_path / f"run_{delay}_{resume}.py"
+    script.write_text(_SLOW_SLICE.format(delay=delay, resume=resume))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "dense"), str(output)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_sigkill_mid_run_then_resume_gives_a_bit_identical_checkpoint(tmp_path):
+    make_tiny("llama_tied", seed=0, num_hidden_layers=4).save_pretrained(tmp_path / "dense")
+    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    clean = _slice_process(tmp_path, clean_out, delay=0, resume=False)
+
+    victim = _slice_process(tmp_path, killed_out, delay=3.0, resume=False)
+    state = staging_dir(killed_out) / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and victim.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["layers_done"] >= 2:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, victim.communicate()[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not killed_out.exists()
+    done_before = json.loads(state.read_text())["layers_done"]
+    assert 2 <= done_before < 4
+
+    resumed = _slice_process(tmp_path, killed_out, delay=0, resume=True)
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[0]
+    assert clean.wait(timeout=300) == 0, clean.communicate()[0]
+    files = sorted(p.name for p in clean_out.iterdir())
+    assert files == sorted(p.name for p in killed_out.iterdir())
+    for name in files:
+        if name.endswith((".safetensors", ".json")):
+            assert (clean_out / name).read_bytes() == (killed_out / name).read_bytes(), name
+
+
+# -- data-parallel calibration -----------------------------------------------------------------------------------
+_DP_SLICE = """
+import sys, torch
+from safetensors.torch import save_file
+from hf_slicegpt import distributed, slice_model
+from tiny import calibration, make_tiny
+distributed.init_from_environment("cpu")
+sliced = slice_model(make_tiny("llama", seed=0, num_hidden_layers=3), calibration(32, 16, seed=3), 0.25,
+                     batch_size=4, show_progress=False)
+if distributed.is_main_process():
+    save_file({k: v.contiguous() for k, v in sliced.state_dict().items()}, sys.argv[1])
+    print("calibration tokens", sliced.config.slicing["calibration_tokens"])
+distributed.destroy()
+"""
+
+
+def test_two_processes_give_the_same_weights_as_one(tmp_path):
+    script = tmp_path / "dp.py"
+    script.write_text(_DP_SLICE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    two = subprocess.run([*torchrun, str(script), str(tmp_path / "two.safetensors")], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "calibration tokens 512" in one.stdout and "calibration tokens 512" in two.stdout
+    a, b = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        assert (a[name] - b[name]).abs().max() / scale < 1e-6, name
