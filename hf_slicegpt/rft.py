@@ -517,13 +517,27 @@ def _train(
 ) -> RFTResult:
     from peft import get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class _LogLoss(TrainerCallback):
-        """Loss lines through ``logging`` when Trainer's own progress printing is off."""
+        """Loss lines through ``logging`` (stderr): Trainer prints its log dicts to stdout, which must stay
+        clean for ``--json``."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
             if logs and "loss" in logs and state.is_world_process_zero:
-                logger.info("step %d/%d: loss %.4f", state.global_step, state.max_steps, logs["loss"])
+                logger.info(
+                    "step %d/%d: loss %.4f, lr %.3g",
+                    state.global_step,
+                    state.max_steps,
+                    logs["loss"],
+                    logs.get("learning_rate", float("nan")),
+                )
+
+    class _BarOnly(ProgressCallback):
+        """Trainer's progress bar without its ``print``-style log lines."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+            return
 
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
@@ -578,8 +592,11 @@ def _train(
         args=args,
         train_dataset=_Windows(train_ids),
         data_collator=default_data_collator,
-        callbacks=[*([] if show_progress else [_LogLoss()]), *callbacks],
+        callbacks=[_LogLoss(), *callbacks],
     )
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnly())
     if resume_from:
         logger.info("Resuming from %s", resume_from)
     output = trainer.train(resume_from_checkpoint=resume_from)

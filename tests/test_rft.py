@@ -252,6 +252,7 @@ def test_cli_defaults_match_the_library():
 
 def test_cli_rft_with_gradient_checkpointing_and_bf16(sliced_dir, tmp_path, capsys):
     from hf_slicegpt.cli import main
+    from hf_slicegpt.cli.rft import format_summary
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Line {i} of a small corpus, number {i * 3 % 11}." for i in range(150)))
@@ -269,12 +270,15 @@ def test_cli_rft_with_gradient_checkpointing_and_bf16(sliced_dir, tmp_path, caps
         "--eval-max-tokens",
         "64",
     ]
-    argv += ["--gradient-checkpointing", "--bf16", "--device", "cpu", "--no-merge", "-q"]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "2 steps" in printed and "perplexity" in printed and "PEFT adapter" in printed
-    report = json.loads((out / REPORT_NAME).read_text())
+    argv += ["--gradient-checkpointing", "--bf16", "--device", "cpu", "--no-merge", "--logging-steps", "1"]
+    assert main([*argv, "--json"]) == 0  # progress bars and loss lines on: stdout must still be pure JSON
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report == json.loads((out / REPORT_NAME).read_text())
+    assert "step 2/2: loss" in captured.err
     assert report["settings"]["gradient_checkpointing"] and report["settings"]["bf16"]
     assert checkpoint_kind(out) == "adapter"
+    summary = format_summary(report, out)
+    assert "2 steps" in summary and "perplexity" in summary and "PEFT adapter" in summary
     assert main([*argv[:6], "-q"]) == 1  # the output exists now: refused, one line on stderr
     assert "--overwrite" in capsys.readouterr().err
