@@ -39,7 +39,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 demo: install
-	$(VENV)/bin/hf-slicegpt demo --output demo-output/smollm2-sliced-25
+	$(VENV)/bin/hf-slicegpt demo --output demo-output/smollm2-sliced-25 --overwrite
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output

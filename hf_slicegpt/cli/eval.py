@@ -107,10 +107,14 @@ def register(subparsers: Any) -> None:
         "id, or a local .txt/dir/.jsonl/.json/.parquet",
     )
     parser.add_argument(
-        "--seq-len", type=positive_int, default=2048, help="window length (capped by the model)"
+        "--seq-len", metavar="L", type=positive_int, default=2048, help="window length (capped by the model)"
     )
-    parser.add_argument("--max-tokens", type=positive_int, default=None, help="cap the tokens evaluated")
-    parser.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
+    parser.add_argument(
+        "--max-tokens", metavar="T", type=positive_int, default=None, help="cap the tokens evaluated"
+    )
+    parser.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=4, help="windows per forward pass"
+    )
     add_text_source_options(parser, split_help="split to evaluate on (default: the source's held-out part)")
     add_model_options(parser)
     parser.add_argument(

@@ -55,7 +55,9 @@ def register(subparsers: Any) -> None:
     parser = add_parser(subparsers, "generate", help="generate text from a prompt with a (sliced) model")
     parser.add_argument("model", metavar="MODEL", help="hub id, checkpoint directory, .gguf file or smollm2")
     parser.add_argument("--prompt", "-p", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate")
+    parser.add_argument(
+        "--max-new-tokens", metavar="N", type=positive_int, default=50, help="tokens to generate"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="e.g. 1.2 against loops")

@@ -32,6 +32,7 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     (
         "--round-to",
         {
+            "metavar": "M",
             "type": positive_int,
             "default": None,
             "help": "round each sliced width down to a multiple (default 8)",
@@ -225,7 +226,10 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             )
 
     device = job.device or default_device()
-    model.to(device)
+    if eval_ids is not None:
+        model.to(
+            device
+        )  # evaluation needs the whole model there; slicing alone visits it one layer at a time
     dense_parameters = reporting.count_parameters(model)
     dense_ppl = sliced_ppl = None
     if eval_ids is not None:
@@ -349,9 +353,15 @@ def register(subparsers: Any) -> None:
         metavar="SOURCE",
         help="wikitext2|ptb|c4|alpaca, pydocs (offline), a hub dataset id, or a local .txt/dir/.jsonl/.json/.parquet",
     )
-    data.add_argument("--num-samples", type=positive_int, default=128, help="calibration sequences")
     data.add_argument(
-        "--seq-len", type=positive_int, default=2048, help="tokens per sequence (capped by the model)"
+        "--num-samples", metavar="N", type=positive_int, default=128, help="calibration sequences"
+    )
+    data.add_argument(
+        "--seq-len",
+        metavar="L",
+        type=positive_int,
+        default=2048,
+        help="tokens per sequence (capped by the model)",
     )
     data.add_argument("--seed", type=int, default=42, help="picks which calibration windows are used")
     add_text_source_options(
@@ -369,12 +379,15 @@ def register(subparsers: Any) -> None:
     )
     evaluation.add_argument(
         "--eval-max-tokens",
+        metavar="T",
         type=positive_int,
         default=None,
         help="cap the evaluation tokens, to bound the time",
     )
     run = parser.add_argument_group("computation")
-    run.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
+    run.add_argument(
+        "--batch-size", metavar="N", type=positive_int, default=8, help="sequences per forward pass"
+    )
     add_model_options(run)
     for flag, spec in SLICE_MODEL_OPTIONS:
         run.add_argument(flag, **spec)
