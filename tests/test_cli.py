@@ -181,6 +181,8 @@ def _error_cases(work: dict[str, Path]) -> list[tuple[list[Any], list[str]]]:
             ["no-model", "does not exist"],
         ),
         (["eval", dense, "--data", root / "nope.txt"], ["nope.txt", "does not exist"]),
+        ([*base, "--sparsity", "0.25", "--calibration", corpus, "--device", "cuda:99"], ["'cuda:99'"]),
+        ([*base, "--sparsity", "0.25", "--calibration", corpus, "--device", "toaster"], ["unknown device"]),
         (["info", dense], ["dense 'llama' model, not a sliced one"]),
         (["info", root / "nowhere"], ["does not exist"]),
         (["generate", root / "nowhere", "--prompt", "x"], ["does not exist"]),

@@ -21,9 +21,9 @@ from ._common import (
     add_parser,
     add_text_source_options,
     capped_seq_len,
-    default_device,
     human_count,
     positive_int,
+    resolve_device,
 )
 
 logger = logging.getLogger("hf_slicegpt.cli")
@@ -56,7 +56,7 @@ def evaluate_model(
     from ..report import count_parameters
 
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=device or default_device())
+    model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=resolve_device(device))
     if tokenizer is None:
         raise ValueError(f"model {source!r} has no tokenizer; evaluation needs one to read {data!r}")
     length = capped_seq_len(seq_len, model.config, "evaluation")

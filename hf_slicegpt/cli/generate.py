@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_model_options, add_parser, default_device, positive_int
+from ._common import add_model_options, add_parser, positive_int, resolve_device
 
 
 def generate_text(
@@ -73,7 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
     from ..loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
-        args.model, dtype=args.dtype, device=args.device or default_device()
+        args.model, dtype=args.dtype, device=resolve_device(args.device)
     )
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer; cannot read a prompt")

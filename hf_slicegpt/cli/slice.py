@@ -18,9 +18,9 @@ from ._common import (
     add_parser,
     add_text_source_options,
     capped_seq_len,
-    default_device,
     human_bytes,
     positive_int,
+    resolve_device,
 )
 
 logger = logging.getLogger("hf_slicegpt.cli")
@@ -174,6 +174,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
     sparsity = validate_sparsity(job.sparsity)
     check_output_dir(job.output, job.overwrite)
+    device = resolve_device(job.device)
     seconds, phase = _timer()
     start = time.perf_counter()
 
@@ -225,7 +226,6 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
                 subset=job.subset,
             )
 
-    device = job.device or default_device()
     if eval_ids is not None:
         model.to(
             device
