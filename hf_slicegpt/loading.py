@@ -90,6 +90,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
@@ -98,7 +99,8 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
         os.replace(tmp, cache)
     except OSError as err:  # a read-only cache only costs speed
         logger.warning("Could not cache the dequantised model in %s: %s", cache, err)
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return model, tokenizer
 
 
