@@ -957,14 +957,11 @@ class _Slicer:
         model, adapter, config, plan = self.model, self.adapter, self.config, self.plan
         embed = model.get_submodule(adapter.embed_tokens)
         lm_head = model.get_submodule(adapter.lm_head)
-        table = embed.weight.detach().to("cpu", torch.float64)
-        centered = center_rows(table) if self.layer_norm else table
         scale, shift = norm_parameters(
             model.get_submodule(adapter.final_norm), self.hidden, adapter.norm_weight_offset
         )
         # The input side reads the table times the family's embedding scale; a tied head reads it unscaled.
         embed_scale = self._embedding_scale()
-        centered = centered * embed_scale
         head_bias = None if lm_head.bias is None else lm_head.bias.detach().to("cpu", torch.float64)
         mode = self.tied_mode
         d_embed = q_embed.shape[1]
@@ -1011,7 +1008,7 @@ class _Slicer:
             if self.sequential:
                 block.mlp_shortcut = mlp_shortcuts[idx]
 
-        vocab, padding_idx = table.shape[0], embed.padding_idx
+        vocab, padding_idx = embed.weight.shape[0], embed.padding_idx
         if mode == "project":
             # One vocabulary matrix for both ends, at full width: the input side projects it into the first
             # basis (after centring, which is linear), the head projects the last basis back out through the
@@ -1029,7 +1026,11 @@ class _Slicer:
             sliced.lm_head.weight = sliced.model.embed_tokens.weight
         else:
             new_embed = nn.Embedding(vocab, d_embed, padding_idx, device="meta")
+            # The float64 copy of the vocabulary matrix is made only here (the project mode never needs it).
+            table = embed.weight.detach().to("cpu", torch.float64)
+            centered = (center_rows(table) if self.layer_norm else table) * embed_scale
             new_embed.weight = nn.Parameter((centered @ q_embed).to(self.home, self.dtype))
+            del table, centered
             sliced.model.embed_tokens = new_embed
             if mode == "slice":
                 # The vocabulary matrix is sliced once, in the embedding basis; the head maps the last basis

@@ -257,7 +257,7 @@ def slice_checkpoint(
     offload_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
-    extra_files: Callable[[Path], None] | None = None,
+    extra_files: Callable[[Path, SlicedModelForCausalLM], None] | None = None,
     show_progress: bool = True,
     **slice_kwargs: Any,
 ) -> SlicedModelForCausalLM:
@@ -272,7 +272,8 @@ def slice_checkpoint(
         offload: ``"cpu"`` (activations in host RAM) or ``"disk"`` (a memory-mapped file in ``offload_dir``).
         checkpoint_every, resume: save the carried state every this many layers; continue an interrupted run.
             Finished blocks are on disk anyway, so a resumed run redoes at most ``checkpoint_every`` layers.
-        extra_files: called with the staging directory before publishing (tokenizer, report...).
+        extra_files: called with the staging directory and the returned model before publishing
+            (to add the tokenizer, a report...).
 
     Returns:
         the sliced model with its blocks on the meta device (their weights are in ``output``) and the rest
@@ -323,7 +324,7 @@ def slice_checkpoint(
         _publish(sliced, staging, num_layers)
         holder["slicer"].partial.clear_state()
         if extra_files is not None:
-            extra_files(staging)
+            extra_files(staging, sliced)
         publish_directory(staging, output)
         logger.info("Wrote %s", output)
     distributed.barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +133,11 @@ class SliceJob:
     plots: bool = False
     overwrite: bool = False
     slice_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Performance and scale: activations offload, the low-memory (streaming) path, resumable runs.
+    offload: str | None = None
+    low_memory: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
 
 
 @dataclass
@@ -165,16 +171,28 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
     appears in one rename: a failed run leaves no directory behind.
     """
+    from .. import distributed, slice_model, validate_sparsity
     from .. import report as reporting
-    from .. import slice_model, validate_sparsity
     from ..data import calibration_tokens, evaluation_tokens, load_text
     from ..evaluation import perplexity
     from ..io import check_output_dir, write_checkpoint
     from ..loading import load_model_and_tokenizer
+    from ..streaming import staging_dir
 
     sparsity = validate_sparsity(job.sparsity)
     check_output_dir(job.output, job.overwrite)
-    device = resolve_device(job.device)
+    # Under torchrun / accelerate launch: join the group; each rank calibrates on its share, rank 0 writes.
+    if distributed.init_from_environment(job.device) and job.device is None:
+        device = str(distributed.local_device())
+    else:
+        device = resolve_device(job.device)
+    if job.low_memory:
+        return _run_low_memory(job, sparsity, device, show_progress)
+    resumable = {}
+    if job.checkpoint_every or job.resume:
+        resumable = dict(
+            checkpoint_dir=staging_dir(job.output), checkpoint_every=job.checkpoint_every, resume=job.resume
+        )
     seconds, phase = _timer()
     start = time.perf_counter()
 
@@ -245,6 +263,8 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             batch_size=job.batch_size,
             device=device,
             show_progress=show_progress,
+            offload=job.offload,
+            **resumable,
             **job.slice_kwargs,
         )
         del model
@@ -288,8 +308,87 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
         write_model_card(directory, name=Path(job.output).name)  # README.md, from the files just written
 
-    output = write_checkpoint(job.output, write, overwrite=job.overwrite)
+    output = Path(job.output)
+    if distributed.is_main_process():
+        output = write_checkpoint(job.output, write, overwrite=job.overwrite)
+        if resumable:  # the result is safely written: the partial state has served its purpose
+            shutil.rmtree(resumable["checkpoint_dir"], ignore_errors=True)
+    distributed.barrier()
     return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
+
+
+def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: bool) -> SliceResult:
+    """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .. import report as reporting
+    from ..data import calibration_tokens
+    from ..streaming import resolve_checkpoint, slice_checkpoint
+
+    if job.eval_data:
+        raise ValueError(
+            "--low-memory does not evaluate (that would load the whole dense model); drop --eval-data and run "
+            "`hf-slicegpt eval` on the output"
+        )
+    seconds, phase = _timer()
+    start = time.perf_counter()
+    source = resolve_checkpoint(job.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    seq_len = capped_seq_len(job.seq_len, AutoConfig.from_pretrained(source), "calibration")
+    with phase("tokenize"):
+        calibration = calibration_tokens(
+            tokenizer,
+            job.calibration,
+            num_samples=job.num_samples,
+            seq_len=seq_len,
+            seed=job.seed,
+            text_column=job.text_column,
+            split=job.split,
+            subset=job.subset,
+        )
+    settings = asdict(job)
+    settings.update(seq_len=seq_len, device=str(device), sparsity=sparsity)
+    settings.pop("overwrite")
+    result: dict[str, Any] = {}
+
+    def extras(directory: Path, sliced: Any) -> None:
+        seconds["slicing"] = time.perf_counter() - slicing_start
+        seconds["total"] = time.perf_counter() - start
+        result["report"] = reporting.build_report(
+            sliced,
+            model=job.model,
+            settings=settings,
+            dense_parameters=reporting.safetensors_parameters(source) or 0,
+            seconds=seconds,
+        )
+        tokenizer.save_pretrained(directory)
+        reporting.write_report(result["report"], directory)
+        if job.plots:
+            reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+        from ..hub import write_model_card
+
+        write_model_card(directory, name=Path(job.output).name)
+
+    slicing_start = time.perf_counter()
+    sliced = slice_checkpoint(
+        source,
+        calibration,
+        sparsity,
+        job.output,
+        overwrite=job.overwrite,
+        batch_size=job.batch_size,
+        device=device,
+        dtype=job.dtype,
+        offload=job.offload or "cpu",
+        checkpoint_every=job.checkpoint_every,
+        resume=job.resume,
+        extra_files=extras,
+        show_progress=show_progress,
+        **job.slice_kwargs,
+    )
+    return SliceResult(
+        model=sliced, tokenizer=tokenizer, report=result.get("report", {}), output=Path(job.output)
+    )
 
 
 def format_summary(report: dict[str, Any], output: Path | str) -> str:
@@ -391,6 +490,36 @@ def register(subparsers: Any) -> None:
     add_model_options(run)
     for flag, spec in SLICE_MODEL_OPTIONS:
         run.add_argument(flag, **spec)
+    scale = parser.add_argument_group(
+        "performance and scale",
+        "Under `torchrun --nproc-per-node N` each process calibrates on its share of the samples and rank 0 "
+        "writes (data-parallel; one GPU per process).",
+    )
+    scale.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="stream the blocks from the safetensors shards and write the result shard by shard: memory is "
+        "one block plus the activations, whatever the depth (no --eval-data)",
+    )
+    scale.add_argument(
+        "--offload",
+        choices=["cpu", "disk"],
+        default=None,
+        help="where calibration activations wait between layers: cpu (host RAM) or disk (a memory-mapped "
+        "file); default: on --device (host RAM with --low-memory)",
+    )
+    scale.add_argument(
+        "--checkpoint-every",
+        metavar="K",
+        type=positive_int,
+        default=0,
+        help="save a resumable state every K layers (in .OUTPUT.partial beside --output)",
+    )
+    scale.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its saved state; the result is bit-identical",
+    )
     parser.add_argument(
         "--plots", action="store_true", help="also write eigenvalue-spectrum PNGs to DIR/plots"
     )
@@ -418,9 +547,19 @@ def run_command(args: argparse.Namespace) -> int:
         plots=args.plots,
         overwrite=args.overwrite,
         slice_kwargs=slice_model_kwargs(args),
+        offload=args.offload,
+        low_memory=args.low_memory,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
-    result = run_slice(job, show_progress=not getattr(args, "quiet", False))
-    print(format_summary(result.report, result.output))
+    from .. import distributed
+
+    try:
+        result = run_slice(job, show_progress=not getattr(args, "quiet", False))
+        if distributed.is_main_process():
+            print(format_summary(result.report, result.output))
+    finally:
+        distributed.destroy()
     return 0
 
 
