@@ -73,7 +73,10 @@ def register(subparsers: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from ..report import checkpoint_summary
+    from ..validation import validate_checkpoint
 
+    # Metadata only: a damaged or inconsistent checkpoint is one clear error, foreign remote code a warning.
+    validate_checkpoint(args.directory)
     summary = checkpoint_summary(args.directory)
     print(json.dumps(summary, indent=2) if args.json else format_info(summary))
     return 0
