@@ -178,6 +178,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     from ..io import check_output_dir, write_checkpoint
     from ..loading import load_model_and_tokenizer
     from ..streaming import staging_dir
+    from ..validation import validate_checkpoint
 
     sparsity = validate_sparsity(job.sparsity)
     check_output_dir(job.output, job.overwrite)
@@ -216,9 +217,9 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     with phase("load"):
         model, tokenizer = load_model_and_tokenizer(job.model, dtype=job.dtype)
         if tokenizer is None:
-            raise ValueError(
-                f"model {job.model!r} has no tokenizer; slicing needs one to read the calibration text"
-            )
+            from ..validation import missing_tokenizer_error
+
+            raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):
@@ -307,6 +308,8 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
         from ..hub import write_model_card
 
         write_model_card(directory, name=Path(job.output).name)  # README.md, from the files just written
+        # Verify what was written (headers only) before it replaces anything: never publish a broken checkpoint.
+        validate_checkpoint(directory)
 
     output = Path(job.output)
     if distributed.is_main_process():
