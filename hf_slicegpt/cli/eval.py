@@ -58,7 +58,9 @@ def evaluate_model(
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=resolve_device(device))
     if tokenizer is None:
-        raise ValueError(f"model {source!r} has no tokenizer; evaluation needs one to read {data!r}")
+        from ..validation import missing_tokenizer_error
+
+        raise missing_tokenizer_error(source, f"evaluation (to read {data!r})")
     length = capped_seq_len(seq_len, model.config, "evaluation")
     ids = evaluation_tokens(
         tokenizer,

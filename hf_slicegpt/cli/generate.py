@@ -76,7 +76,9 @@ def run_command(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, device=resolve_device(args.device)
     )
     if tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer; cannot read a prompt")
+        from ..validation import missing_tokenizer_error
+
+        raise missing_tokenizer_error(args.model, "generation (to read the prompt)")
     text = generate_text(
         model,
         tokenizer,

@@ -186,7 +186,9 @@ def run_command(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)  # before minutes of loading
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer; RFT needs one to read {args.data!r}")
+        from ..validation import missing_tokenizer_error
+
+        raise missing_tokenizer_error(args.model, f"RFT (to read {args.data!r})")
     seq_len = capped_seq_len(args.seq_len, model.config, "training")
     eval_seq_len = (
         capped_seq_len(args.eval_seq_len, model.config, "evaluation") if args.eval_seq_len else None
