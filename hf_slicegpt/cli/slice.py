@@ -138,6 +138,10 @@ class SliceJob:
     low_memory: bool = False
     checkpoint_every: int = 0
     resume: bool = False
+    # Out-of-domain robustness: "self:N" adds N sequences sampled from the dense model to the calibration.
+    calibration_augment: str | None = None
+    # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
+    export: str = "sliced"
 
 
 @dataclass
@@ -171,8 +175,11 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
     appears in one rename: a failed run leaves no directory behind.
     """
+    import torch
+
     from .. import distributed, slice_model, validate_sparsity
     from .. import report as reporting
+    from ..augment import parse_augment, self_generated_tokens
     from ..data import calibration_tokens, evaluation_tokens, load_text
     from ..evaluation import perplexity
     from ..io import check_output_dir, write_checkpoint
@@ -182,6 +189,16 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
     sparsity = validate_sparsity(job.sparsity)
     check_output_dir(job.output, job.overwrite)
+    augment = parse_augment(job.calibration_augment)
+    if job.export not in ("sliced", "native"):
+        raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
+    if job.export == "native" and job.slice_kwargs.get("rotation") != "global":
+        raise ValueError(
+            "--export native writes the family's own architecture, which needs one basis everywhere: "
+            "add --rotation global"
+        )
+    if job.low_memory and (augment or job.export == "native"):
+        raise ValueError("--low-memory cannot be combined with --calibration-augment or --export native")
     # Under torchrun / accelerate launch: join the group; each rank calibrates on its share, rank 0 writes.
     if distributed.init_from_environment(job.device) and job.device is None:
         device = str(distributed.local_device())
@@ -256,6 +273,19 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             logger.info("Perplexity of the dense model on %s", job.eval_data)
             dense_ppl = perplexity(model, eval_ids, batch_size=job.batch_size, show_progress=show_progress)
 
+    if augment:
+        with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
+            extra = self_generated_tokens(
+                model,
+                tokenizer,
+                augment,
+                seq_len,
+                seed=job.seed,
+                batch_size=job.batch_size,
+                show_progress=show_progress,
+            )
+            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
+
     with phase("slicing"):
         sliced = slice_model(
             model,
@@ -299,12 +329,25 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
         perplexity=measured,
     )
 
+    native = None
+    if job.export == "native":
+        from ..export import to_native
+
+        native = to_native(sliced)  # before anything is written: a refusal must leave no directory
+        report["export"] = {
+            "format": "native",
+            "architecture": type(native).__name__,
+            "parameters": reporting.count_parameters(native),
+        }
+
     def write(directory: Path) -> None:
-        sliced.save_pretrained(directory)
+        (native if native is not None else sliced).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         reporting.write_report(report, directory)
         if job.plots:
             reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+        if native is not None:
+            return  # a plain family checkpoint: transformers' own files, no plugin card or validation
         from ..hub import write_model_card
 
         write_model_card(directory, name=Path(job.output).name)  # README.md, from the files just written
@@ -400,14 +443,14 @@ def format_summary(report: dict[str, Any], output: Path | str) -> str:
     settings = report["settings"]
     slicing = report.get("slicing") or {}
     widths = sorted({row["attn_input_dim"] for row in report["layers"]})
+    width_text = ", ".join(map(str, widths)) if len(widths) <= 4 else f"{widths[0]}..{widths[-1]} (per layer)"
     lines = [
         f"Sliced {report['model']} ({report.get('family')}, {len(report['layers'])} layers) at "
         f"{settings['sparsity'] * 100:g}% sparsity in {report['seconds'].get('slicing', 0):.1f} s "
         f"(total {report['seconds'].get('total', 0):.1f} s)",
         f"  calibration    {settings['calibration']}: {settings['num_samples']} x {settings['seq_len']} tokens, "
         f"seed {settings['seed']}",
-        f"  hidden size    {report['hidden_size']} -> {', '.join(map(str, widths))}"
-        f" (round-to {slicing.get('round_to', '?')})",
+        f"  hidden size    {report['hidden_size']} -> {width_text} (round-to {slicing.get('round_to', '?')})",
         f"  parameters     {params['dense']:,} -> {params['sliced']:,} ({params['sliced_fraction']:.1%} of dense)",
     ]
     ppl = report.get("perplexity")
@@ -526,6 +569,19 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--plots", action="store_true", help="also write eigenvalue-spectrum PNGs to DIR/plots"
     )
+    parser.add_argument(
+        "--calibration-augment",
+        metavar="self:N",
+        default=None,
+        help="add N calibration sequences sampled from the dense model itself (out-of-domain robustness)",
+    )
+    parser.add_argument(
+        "--export",
+        choices=["sliced", "native"],
+        default="sliced",
+        help="sliced: the plugin format (default); native: the family's own architecture with a smaller "
+        "hidden_size, loadable anywhere without hf-slicegpt (needs --rotation global, RMSNorm families)",
+    )
     parser.set_defaults(func=run_command)
 
 
@@ -554,6 +610,8 @@ def run_command(args: argparse.Namespace) -> int:
         low_memory=args.low_memory,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
+        calibration_augment=args.calibration_augment,
+        export=args.export,
     )
     from .. import distributed
 
