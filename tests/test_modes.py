@@ -214,3 +214,31 @@ def test_self_generated_calibration_is_seeded() -> None:
     assert parse_augment("self:16") == 16 and parse_augment(None) == 0
     with pytest.raises(AugmentError, match="self:N"):
         parse_augment("mirror:3")
+
+
+def test_cli_native_export_with_self_augmented_calibration(tmp_path, capsys) -> None:
+    """`slice --rotation global --export native --calibration-augment self:2` writes a plain Llama checkpoint."""
+    from cli_helpers import save_tiny_checkpoint, write_corpus
+
+    from hf_slicegpt.cli import main
+
+    dense = save_tiny_checkpoint(tmp_path / "dense")
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    common = ["slice", str(dense), "--sparsity", "0.25", "--calibration", str(corpus), "--num-samples", "4"]
+    common += ["--seq-len", "32", "--quiet"]
+    code = main(
+        [*common, "--output", str(tmp_path / "native"), "--rotation", "global", "--export", "native"]
+        + ["--calibration-augment", "self:2"]
+    )
+    assert code == 0
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and config["hidden_size"] == 24
+    report = json.loads((tmp_path / "native" / "slicing_report.json").read_text())
+    assert report["export"]["architecture"] == "LlamaForCausalLM"
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "native")).__name__ == "LlamaForCausalLM"
+
+    capsys.readouterr()
+    code = main([*common, "--output", str(tmp_path / "refused"), "--export", "native"])
+    assert code != 0
+    assert "--rotation global" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
