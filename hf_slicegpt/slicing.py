@@ -902,7 +902,8 @@ class _Slicer:
                 attn_shortcuts.append(self._shortcut(q_in, q_mid))
                 self._rotate_readers(mlp, mlp_readers, layer.get_submodule(adapter.mlp_norm), q_mid)
                 if need_signals:
-                    signals = self._rotate_signals(full, q_mid)
+                    # Drop each activation set as soon as it is used: at most one full-width set is alive.
+                    signals, full = self._rotate_signals(full, q_mid), None
                     full = self._collect(self._expand(x, q_mid) + mlp(self.norm(x)) for x in signals)
                 q_out = self._next_basis(full, masks, f"layer {idx} output", plan.outputs[idx])
                 self._rotate_writer(mlp, mlp_writer, q_out)
@@ -921,6 +922,7 @@ class _Slicer:
                 self._rotate_writer(mlp, mlp_writer, q_out)
                 attn_shortcuts.append(self._shortcut(q_in, q_out))
             if need_signals:
+                signals = None  # the block input is used up
                 signals = self._rotate_signals(full, q_out)
             del full
             mlp_sc = mlp_shortcuts[idx] if self.sequential else None
