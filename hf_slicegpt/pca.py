@@ -28,7 +28,9 @@ class Covariance:
     ``"mixed"`` multiplies chunks of :data:`CHUNK_ROWS` rows in the signal's float32 and sums the chunk
     products in float64: about twice as fast on a CPU, no float64 copy of the signal, and the same sliced
     model (see BENCHMARKS.md, "Performance"). The eigendecomposition stays float64 either way. A chunk whose
-    float32 product overflows is redone in float64, so the two agree on what counts as non-finite.
+    float32 product overflows is redone in float64, so the two agree on what counts as non-finite. The mixed
+    path also uses the symmetry: it multiplies the three blocks ``A^T A``, ``A^T B``, ``B^T B`` of the column
+    halves ``[A B]`` (3/4 of the work) and mirrors ``B^T A`` when :attr:`sum` is read.
     """
 
     def __init__(
@@ -39,9 +41,25 @@ class Covariance:
         self.width = width
         self.name = name
         self.precision = precision
-        self.sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self._sum = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self._split = width // 2
+        self._mirror = False  # the lower-left block is stale until the next read of ``sum``
         self.tokens = 0
         self.reduced = False
+
+    @property
+    def sum(self) -> torch.Tensor:
+        """The full symmetric ``sum X^T X`` (float64)."""
+        if self._mirror:
+            h = self._split
+            self._sum[h:, :h] = self._sum[:h, h:].T
+            self._mirror = False
+        return self._sum
+
+    @sum.setter
+    def sum(self, value: torch.Tensor) -> None:
+        self._sum = value
+        self._mirror = False
 
     def add(self, signal: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """Add a batch ``(..., width)``; ``mask`` (``(...)``, 1 = real token) drops padding."""
@@ -50,19 +68,24 @@ class Covariance:
             x = x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
         if x.numel() == 0:
             return
-        x = x.to(self.sum.device)
+        x = x.to(self._sum.device)
         if self.precision == "float64" or x.dtype == torch.float64:
             self._add64(x)
         else:
             x = x.to(torch.float32)  # bf16/fp16 signals: products in float32, never in the half dtype
+            h = self._split
             for start in range(0, x.shape[0], CHUNK_ROWS):
                 chunk = x[start : start + CHUNK_ROWS]
-                product = chunk.T @ chunk
-                # A finite diagonal means finite inputs and a finite product (|p_ij| <= sqrt(p_ii p_jj));
+                a, b = chunk[:, :h], chunk[:, h:]
+                aa, ab, bb = a.T @ a, a.T @ b, b.T @ b
+                # Finite diagonals mean finite inputs and finite products (|p_ij| <= sqrt(p_ii p_jj));
                 # otherwise redo the chunk in float64, which raises on NaN/Inf in the signal and absorbs a mere
                 # float32 overflow of the squares.
-                if torch.isfinite(product.diagonal()).all():
-                    self.sum += product
+                if torch.isfinite(aa.diagonal()).all() and torch.isfinite(bb.diagonal()).all():
+                    self._sum[:h, :h] += aa
+                    self._sum[:h, h:] += ab
+                    self._sum[h:, h:] += bb
+                    self._mirror = True
                 else:
                     self._add64(chunk)
         self.tokens += x.shape[0]
