@@ -129,6 +129,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="profile the first slicing run, split by phase"
     )
+    parser.add_argument(
+        "--no-dense",
+        action="store_true",
+        help="only slice and score (e.g. a second precision run alongside a full one); no ratio",
+    )
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -151,8 +156,11 @@ def main() -> None:
         "Machine %s; calibration %s; evaluation %s", info, tuple(calibration.shape), tuple(evaluation.shape)
     )
 
-    dense_seconds = [dense_forward_seconds(model, calibration, args.batch_size, device)]
-    logger.info("dense forward: %.1f s", dense_seconds[0])
+    dense_seconds = (
+        [] if args.no_dense else [dense_forward_seconds(model, calibration, args.batch_size, device)]
+    )
+    if dense_seconds:
+        logger.info("dense forward: %.1f s", dense_seconds[0])
     dense_ppl = perplexity(model, evaluation, batch_size=4, show_progress=False).perplexity
     del model
 
@@ -180,10 +188,11 @@ def main() -> None:
         logger.info("slice (%s covariance): %.1f s, held-out ppl %.4f", precision, seconds, ppl)
         del sliced, model
 
-    model, _ = load()
-    dense_seconds.append(dense_forward_seconds(model, calibration, args.batch_size, device))
-    logger.info("dense forward again: %.1f s", dense_seconds[1])
-    dense = statistics.median(dense_seconds)
+    if not args.no_dense:
+        model, _ = load()
+        dense_seconds.append(dense_forward_seconds(model, calibration, args.batch_size, device))
+        logger.info("dense forward again: %.1f s", dense_seconds[1])
+    dense = statistics.median(dense_seconds) if dense_seconds else float("nan")
     for row in rows:
         row["ratio"] = row["slice_s"] / dense
 
