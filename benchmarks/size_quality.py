@@ -50,18 +50,36 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-seq-len", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens (default: all)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--counts-only",
+        action="store_true",
+        help="parameter counts only: widths do not depend on the calibration text, so a little random text "
+        "and no perplexity make this fast",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.manual_seed(0)
 
     dense, tokenizer = load_model_and_tokenizer(args.model)
-    calib = calibration_tokens(
-        tokenizer, "pydocs", num_samples=args.num_samples, seq_len=args.seq_len, seed=0
-    )
-    held_out = evaluation_tokens(tokenizer, "pydocs", seq_len=args.eval_seq_len)
+    if args.counts_only:
+        calib = torch.randint(0, dense.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    else:
+        calib = calibration_tokens(
+            tokenizer, "pydocs", num_samples=args.num_samples, seq_len=args.seq_len, seed=0
+        )
+        held_out = evaluation_tokens(
+            tokenizer, "pydocs", seq_len=args.eval_seq_len, max_tokens=args.eval_tokens
+        )
+
+    def ppl_of(model) -> float:
+        if args.counts_only:
+            return float("nan")
+        return perplexity(model, held_out, batch_size=4, show_progress=False).perplexity
+
     dense_params = count(dense)
-    dense_ppl = perplexity(dense, held_out, batch_size=4, show_progress=False).perplexity
+    dense_ppl = ppl_of(dense)
     rows = [{"mode": "dense", "sparsity": 0.0, "params": dense_params, "ratio": 1.0, "ppl": dense_ppl}]
     logger.info("dense: %d params, ppl %.3f", dense_params, dense_ppl)
     del dense
@@ -73,7 +91,7 @@ def main() -> None:
             sliced = hf_slicegpt.slice_model(model, calib, sparsity, show_progress=False, **MODES[mode])
             seconds = time.perf_counter() - start
             params = count(sliced)
-            ppl = perplexity(sliced, held_out, batch_size=4, show_progress=False).perplexity
+            ppl = ppl_of(sliced)
             rows.append(
                 dict(
                     mode=mode,
@@ -96,7 +114,7 @@ def main() -> None:
             if mode == "global":
                 native = to_native(sliced)
                 native_params = count(native)
-                native_ppl = perplexity(native, held_out, batch_size=4, show_progress=False).perplexity
+                native_ppl = ppl_of(native)
                 rows.append(
                     dict(
                         mode="global + native export",
