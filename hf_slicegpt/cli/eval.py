@@ -41,7 +41,7 @@ def evaluate_model(
     data: str,
     seq_len: int = 2048,
     max_tokens: int | None = None,
-    batch_size: int = 4,
+    batch_size: int = 1,
     dtype: str | None = None,
     device: str | None = None,
     text_column: str | None = None,
@@ -115,7 +115,11 @@ def register(subparsers: Any) -> None:
         "--max-tokens", metavar="T", type=positive_int, default=None, help="cap the tokens evaluated"
     )
     parser.add_argument(
-        "--batch-size", metavar="N", type=positive_int, default=4, help="windows per forward pass"
+        "--batch-size",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="windows per forward pass; each holds L x vocab float32 logits (raise it on a GPU)",
     )
     add_text_source_options(parser, split_help="split to evaluate on (default: the source's held-out part)")
     add_model_options(parser)

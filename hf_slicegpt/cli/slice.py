@@ -130,6 +130,7 @@ class SliceJob:
     eval_data: str | None = None
     eval_split: str | None = None
     eval_max_tokens: int | None = None
+    eval_batch_size: int = 1
     plots: bool = False
     overwrite: bool = False
     slice_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -263,15 +264,16 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             )
 
     if eval_ids is not None:
-        model.to(
-            device
-        )  # evaluation needs the whole model there; slicing alone visits it one layer at a time
+        # evaluation needs the whole model there; slicing alone visits it one layer at a time
+        model.to(device)
     dense_parameters = reporting.count_parameters(model)
     dense_ppl = sliced_ppl = None
     if eval_ids is not None:
         with phase("dense_eval"):  # before slicing: slice_model consumes the dense model
             logger.info("Perplexity of the dense model on %s", job.eval_data)
-            dense_ppl = perplexity(model, eval_ids, batch_size=job.batch_size, show_progress=show_progress)
+            dense_ppl = perplexity(
+                model, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
 
     if augment:
         with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
@@ -303,7 +305,9 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     if eval_ids is not None:
         with phase("sliced_eval"):
             logger.info("Perplexity of the sliced model on %s", job.eval_data)
-            sliced_ppl = perplexity(sliced, eval_ids, batch_size=job.batch_size, show_progress=show_progress)
+            sliced_ppl = perplexity(
+                sliced, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
     seconds["total"] = time.perf_counter() - start
 
     measured = None
@@ -529,6 +533,13 @@ def register(subparsers: Any) -> None:
         default=None,
         help="cap the evaluation tokens, to bound the time",
     )
+    evaluation.add_argument(
+        "--eval-batch-size",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="windows per forward pass; each holds N x L x vocab float32 logits, so raise it with care",
+    )
     run = parser.add_argument_group("computation")
     run.add_argument(
         "--batch-size", metavar="N", type=positive_int, default=8, help="sequences per forward pass"
@@ -603,6 +614,7 @@ def run_command(args: argparse.Namespace) -> int:
         eval_data=args.eval_data,
         eval_split=args.eval_split,
         eval_max_tokens=args.eval_max_tokens,
+        eval_batch_size=args.eval_batch_size,
         plots=args.plots,
         overwrite=args.overwrite,
         slice_kwargs=slice_model_kwargs(args),
