@@ -97,6 +97,11 @@ def calibration_batches(calibration: Any, batch_size: int, vocab_size: int) -> l
         batches = [
             CalibrationBatch(ids[i : i + batch_size], None) for i in range(0, ids.shape[0], batch_size)
         ]
+    elif isinstance(calibration, Mapping) and "input_ids" in calibration:
+        raise SlicingError(
+            f"calibration is a single batch ({type(calibration).__name__}); pass a list of batches, "
+            "e.g. [batch], or its token ids, batch['input_ids']"
+        )
     elif isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
         raise SlicingError(
             f"calibration must be a LongTensor of token ids (N, L) or an iterable of batches with 'input_ids', "
