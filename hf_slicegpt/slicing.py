@@ -1166,6 +1166,12 @@ def slice_model(
     ```
     """
     sparsity = validate_sparsity(sparsity)
+    if getattr(model.config, "model_type", None) == SlicedConfig.model_type:
+        done = (model.config.slicing or {}).get("sparsity")
+        raise SlicingError(
+            f"this model is already sliced (sparsity={done}); slice the dense original model instead, "
+            "at the total sparsity wanted"
+        )
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise SlicingError(f"round_to must be a positive integer, got {round_to!r}")
     rotation = _choice("rotation", rotation, ROTATIONS)

@@ -304,6 +304,12 @@ def test_bad_options(kwargs: dict, pattern: str) -> None:
         slice_model(make_tiny("llama"), calibration(), 0.25, show_progress=False, **kwargs)
 
 
+def test_an_already_sliced_model_is_refused(quarter) -> None:
+    _, _, sliced = quarter
+    with pytest.raises(SlicingError, match=r"already sliced \(sparsity=0.25\)"):
+        slice_model(sliced, calibration(), 0.25, show_progress=False)
+
+
 def test_sliced_width_rounding() -> None:
     assert sliced_width(576, 0.25, 8) == 432
     assert sliced_width(576, 0.2, 8) == 456  # 460.8 -> 456
