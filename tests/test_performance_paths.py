@@ -297,3 +297,38 @@ def test_two_processes_give_the_same_weights_as_one(tmp_path):
     for name in a:
         scale = a[name].abs().max().clamp_min(1e-12)
         assert (a[name] - b[name]).abs().max() / scale < 1e-6, name
+
+
+# -- the CLI flags ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_low_memory_offload_and_checkpointing_write_the_plain_checkpoint(tmp_path):
+    from cli_helpers import run_cli, save_tiny_checkpoint, write_corpus
+
+    save_tiny_checkpoint(tmp_path / "dense", num_hidden_layers=3)
+    write_corpus(tmp_path / "corpus.txt")
+    common = [
+        "--sparsity",
+        "0.25",
+        "--calibration",
+        "corpus.txt",
+        "--num-samples",
+        "8",
+        "--seq-len",
+        "32",
+        "-q",
+    ]
+    plain = run_cli("slice", "dense", "--output", "plain", *common, tmp=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    low = run_cli(
+        "slice", "dense", "--output", "low", *common, "--low-memory", "--offload", "disk", "--checkpoint-every", "1",
+        tmp=tmp_path,
+    )  # fmt: skip
+    assert low.returncode == 0, low.stderr
+    _assert_same(_dir_tensors(tmp_path / "low"), _dir_tensors(tmp_path / "plain"))
+    assert (tmp_path / "low" / "tokenizer.json").is_file() and (
+        tmp_path / "low" / "slicing_report.json"
+    ).is_file()
+    assert not staging_dir(tmp_path / "low").exists()
+    refused = run_cli("slice", "dense", "--output", "x", *common, "--low-memory", "--eval-data", "corpus.txt",
+                      tmp=tmp_path)  # fmt: skip
+    assert refused.returncode == 1 and "--low-memory does not evaluate" in refused.stderr
