@@ -509,8 +509,14 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         kwargs.setdefault("use_safetensors", True)
         if lenient:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        directory = Path(os.fspath(pretrained_model_name_or_path or ""), kwargs.get("subfolder") or "")
-        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None and directory.is_dir():
+        local = pretrained_model_name_or_path is not None and os.fspath(pretrained_model_name_or_path) != ""
+        directory = Path(os.fspath(pretrained_model_name_or_path or "."), kwargs.get("subfolder") or "")
+        if (
+            local
+            and kwargs.get("state_dict") is None
+            and kwargs.get("gguf_file") is None
+            and directory.is_dir()
+        ):
             config = kwargs.get("config")
             if not isinstance(config, SlicedConfig):
                 config = SlicedConfig.from_pretrained(directory)
