@@ -74,6 +74,34 @@ def test_variance_schedule_respects_the_budget_and_varies_widths() -> None:
     assert 0 < variance.config.slicing["variance_fraction"] < 1
 
 
+def test_variance_schedule_is_not_captured_by_a_massive_activation(monkeypatch) -> None:
+    """A token whose residual norm dwarfs the others (an attention sink) must not set the widths on its own.
+
+    Token 0 starts every sequence. Scaling its embedding 1000x would put ~100% of the first signal's raw
+    variance in one direction, and a raw-variance schedule would then keep a single ``round_to`` of width for
+    it. The schedule's spectra weigh every token the same, so that scale must not change the first spectrum.
+    """
+    from hf_slicegpt import slicing
+
+    seen: list[torch.Tensor] = []
+    original = slicing._Slicer._variance_plan
+
+    def spy(self, spectra, shapes):
+        seen.append(spectra["embeddings"] / spectra["embeddings"].sum())
+        return original(self, spectra, shapes)
+
+    monkeypatch.setattr(slicing._Slicer, "_variance_plan", spy)
+    ids = calibration()
+    ids[:, 0] = 0
+    for scale in (1.0, 1000.0):
+        dense = make_tiny("llama")
+        with torch.no_grad():
+            dense.model.embed_tokens.weight[0] *= scale
+        hf_slicegpt.slice_model(dense, ids, 0.25, round_to=4, schedule="variance", show_progress=False)
+    assert seen[1][0] < 0.5, f"one direction holds {seen[1][0]:.1%} of the schedule's variance"
+    torch.testing.assert_close(seen[0], seen[1], rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("mode", ["project", "slice"])
 def test_tied_embeddings_stay_tied(mode: str, tmp_path) -> None:
     sliced, _ = _slice("llama_tied", 0.25, tied_embeddings=mode)
