@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import FAMILIES, calibration, make_tiny
+from tiny import FAMILIES, calibration, make_low_rank_llama, make_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
@@ -130,12 +130,32 @@ def test_shared_mid_basis_removes_one_shortcut_per_block() -> None:
     assert _params(own) - _params(shared) == 2 * 24 * 24
 
 
-def test_auto_mid_basis_shares_only_where_two_shortcuts_would_grow_the_block() -> None:
-    # hidden 32 -> 28 at 12.5%: two 28x28 shortcuts outweigh what slicing saves, so the MLP shares the basis.
-    light, _ = _slice("llama", 0.125)
-    heavy, _ = _slice("llama", 0.5)
+def test_auto_mid_basis_shares_only_where_it_is_smaller_and_holds_the_signal() -> None:
+    # hidden 32 -> 28 at 12.5%: two 28x28 shortcuts outweigh what slicing saves, so the plan shares the basis.
+    # On a model whose residual stream has rank 12, the shared basis holds the attention output entirely, so
+    # every block keeps it, and the slice stays exact.
+    dense = make_low_rank_llama(rank=12)
+    reference = dense(INPUTS).logits
+    light = hf_slicegpt.slice_model(dense, calibration(), 0.125, round_to=4, show_progress=False)
     assert not any(light.config.attn_shortcuts)
+    assert (light(INPUTS).logits - reference).abs().max().item() < 1e-4
+    heavy, _ = _slice("llama", 0.5)
     assert all(heavy.config.attn_shortcuts)
+
+
+def test_auto_mid_basis_gives_a_block_its_own_basis_where_sharing_would_lose_the_attention_output() -> None:
+    # The first block's attention writes 8 directions its input (the embedding) never uses: a shared mid basis
+    # (the input's principal subspace plus arbitrary null directions) projects part of them away for good,
+    # while the block's own basis holds all 16 live directions. "auto" must notice and stay exact.
+    dense = make_low_rank_llama(rank=8, attention_rank=8)
+    reference = dense(INPUTS).logits
+    shared = hf_slicegpt.slice_model(
+        copy.deepcopy(dense), calibration(), 0.125, round_to=4, mid_basis="shared", show_progress=False
+    )
+    auto = hf_slicegpt.slice_model(dense, calibration(), 0.125, round_to=4, show_progress=False)
+    assert auto.config.attn_shortcuts == [True, False, False, False]
+    assert (auto(INPUTS).logits - reference).abs().max().item() < 1e-4
+    assert (shared(INPUTS).logits - reference).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize(

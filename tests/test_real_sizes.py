@@ -25,7 +25,10 @@ def dense_count() -> int:
     return _count(model)
 
 
-@pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.25, 0.3])
+# Not 10%: there the two shortcut matrices of each block outweigh the slice (1.033x dense) unless the attention and
+# MLP share one basis, and SmolLM2's attention outputs do not fit its block inputs' basis (sharing every block's
+# basis: 212x perplexity). mid_basis="auto" therefore keeps own bases; global rotation is the compact mode there.
+@pytest.mark.parametrize("sparsity", [0.2, 0.25, 0.3])
 def test_per_layer_mode_is_smaller_than_dense(sparsity: float, dense_count: int) -> None:
     model, _ = load_model_and_tokenizer("smollm2")
     sliced = hf_slicegpt.slice_model(model, CALIBRATION, sparsity, show_progress=False)
@@ -34,6 +37,13 @@ def test_per_layer_mode_is_smaller_than_dense(sparsity: float, dense_count: int)
     if sparsity == 0.25:
         assert ratio <= 0.90, f"25% per-layer: {ratio:.3f}x dense (target <= 0.90)"
         assert sliced.lm_head.weight is sliced.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 0.2, 0.3])
+def test_global_mode_is_smaller_than_dense_from_10_percent(sparsity: float, dense_count: int) -> None:
+    model, _ = load_model_and_tokenizer("smollm2")
+    sliced = hf_slicegpt.slice_model(model, CALIBRATION, sparsity, rotation="global", show_progress=False)
+    assert _count(sliced) < dense_count
 
 
 def test_global_mode_at_25_percent(dense_count: int) -> None:

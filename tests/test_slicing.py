@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from tiny import VOCAB, calibration, make_tiny
+from tiny import VOCAB, calibration, make_low_rank_llama, make_tiny
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
 import hf_slicegpt
@@ -322,3 +322,28 @@ def test_public_api_exports() -> None:
     assert hf_slicegpt.SlicedModelForCausalLM is SlicedModelForCausalLM
     assert hf_slicegpt.SlicedConfig.model_type == "slicegpt"
     assert {"llama", "opt", "phi"} <= set(hf_slicegpt.supported_model_types())
+
+
+@pytest.mark.parametrize("mid_basis", ["own", "shared", "auto"])
+def test_uneven_widths_are_exact_when_nothing_is_deleted(mid_basis: str, monkeypatch) -> None:
+    """Every width differs from its neighbours (shortcuts of every shape, shared and own mid bases), yet
+    each keeps the whole signal: the sliced model must equal the dense one. This checks the bookkeeping of
+    uneven plans (the variance schedule's) exactly, which a sparsity-0 check cannot."""
+    from hf_slicegpt import slicing
+
+    dense = make_low_rank_llama(rank=12)
+    inputs = calibration(2, 12, seed=7)
+    reference = dense(inputs).logits
+    original = slicing._Slicer._const_plan
+
+    def uneven(self, n):
+        plan = original(self, n)
+        plan.embedding = 16
+        plan.outputs = [24, 12, 20, 32][:n]
+        plan.mids = [16, 28, 12, 20][:n]
+        return plan
+
+    monkeypatch.setattr(slicing._Slicer, "_const_plan", uneven)
+    sliced = slice_model(dense, calibration(), 0.25, round_to=4, mid_basis=mid_basis, show_progress=False)
+    assert sliced.config.embedding_dim == 16
+    assert (sliced(inputs).logits - reference).abs().max().item() < 1e-4

@@ -188,3 +188,28 @@ def make_tiny(family: str, seed: int = 0, **overrides) -> PreTrainedModel:
 def calibration(n: int = 8, seq_len: int = 16, seed: int = 1) -> torch.LongTensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (n, seq_len), generator=generator)
+
+
+def make_low_rank_llama(rank: int, layers: int = 4, attention_rank: int = 0) -> PreTrainedModel:
+    """A tiny LLaMA whose residual stream lives in a low-dimensional subspace at every layer.
+
+    The embedding and every writer (o_proj, down_proj) are projected onto one ``rank``-dimensional subspace,
+    so any slice that keeps at least ``rank`` directions at every point deletes nothing and must reproduce the
+    dense logits. With ``attention_rank``, the first block's attention writes into another ``attention_rank``
+    directions, orthogonal to the embedding's, that only later blocks' inputs contain.
+    """
+    model = make_tiny("llama", num_hidden_layers=layers)
+    total = rank + attention_rank
+    basis, _ = torch.linalg.qr(
+        torch.randn(model.config.hidden_size, total, generator=torch.Generator().manual_seed(3))
+    )
+    stream = basis @ basis.T
+    embedding = basis[:, :rank] @ basis[:, :rank].T
+    attention = basis[:, rank:] @ basis[:, rank:].T if attention_rank else stream
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ embedding)
+        for idx, layer in enumerate(model.model.layers):
+            writes = attention if idx == 0 else stream
+            layer.self_attn.o_proj.weight.copy_(writes @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(stream @ layer.mlp.down_proj.weight)
+    return model
