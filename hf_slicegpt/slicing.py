@@ -1200,8 +1200,10 @@ def slice_model(
             explaining a common fraction of its variance, with the fraction set so the parameter budget equals
             the const schedule's at this sparsity).
         mid_basis: for sequential blocks, ``"own"`` gives the MLP input its own basis (the paper, two shortcuts
-            per block), ``"shared"`` reuses the block input's (one shortcut), ``"auto"`` shares only where the
-            second shortcut would make the block larger than the dense one.
+            per block), ``"shared"`` reuses the block input's (one shortcut), ``"auto"`` plans to share only where the
+            second shortcut would make the block larger than the dense one, and keeps a planned share only if
+            the shared basis holds the attention output about as well as the block's own (on SmolLM2 it never
+            does: sharing costs 185x perplexity at 25%, so "auto" there is the paper's layout).
         tied_embeddings: for a model with tied embeddings, ``"project"`` keeps the vocabulary matrix at full
             width with small projections at both ends (exact), ``"slice"`` slices it once in the embedding
             basis with a small map in front of the head, ``"untie"`` unties it (the reference's behaviour,

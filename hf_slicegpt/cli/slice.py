@@ -72,7 +72,8 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "choices": ["auto", "own", "shared"],
             "default": None,
             "help": "basis of each block's MLP input: own (the paper), shared with the block input (one shortcut "
-            "fewer), auto (default: shared only where a second shortcut would grow the block)",
+            "fewer), auto (default: shared only where a second shortcut would grow the block and the shared basis "
+            "holds the attention output)",
         },
     ),
     (
