@@ -20,7 +20,7 @@ import torch
 import hf_slicegpt
 from hf_slicegpt.data import calibration_tokens, evaluation_tokens
 from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.export import to_native
+from hf_slicegpt.export import NativeExportError, to_native
 from hf_slicegpt.loading import load_model_and_tokenizer
 
 logger = logging.getLogger("size_quality")
@@ -112,7 +112,22 @@ def main() -> None:
                 seconds,
             )
             if mode == "global":
-                native = to_native(sliced)
+                try:
+                    native = to_native(sliced)
+                except NativeExportError as error:  # e.g. a width the family's config cannot describe
+                    logger.warning("native @ %.2f: %s", sparsity, str(error).splitlines()[0])
+                    rows.append(
+                        dict(
+                            mode="global + native export",
+                            sparsity=sparsity,
+                            params=0,
+                            ratio=float("nan"),
+                            ppl=float("nan"),
+                            error=str(error).splitlines()[0],
+                        )
+                    )
+                    del sliced, model
+                    continue
                 native_params = count(native)
                 native_ppl = ppl_of(native)
                 rows.append(

@@ -69,9 +69,11 @@ def _native_config(sliced: SlicedModelForCausalLM, width: int):
     try:
         native = type(family)(**values)
     except (ValueError, TypeError, StrictDataclassClassValidationError) as err:
+        heads = family.num_attention_heads
         raise NativeExportError(
             f"{type(family).__name__} cannot describe hidden_size={width} with the original head size "
-            f"({head_dim} x {family.num_attention_heads} heads): {str(err).splitlines()[0]}"
+            f"({head_dim} x {heads} heads): {str(err).splitlines()[0]}. If it asks for a multiple of the "
+            f"heads, slice with round_to={math.lcm(8, heads)} so every width is one"
         ) from err
     native._attn_implementation = family._attn_implementation
     return native
