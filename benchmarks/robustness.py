@@ -7,7 +7,8 @@ different text that every Debian machine or this script provides (out-of-domain)
 - ``git-notes``: git's release notes under /usr/share/doc/git/RelNotes (terse changelog English with code);
 - ``synthetic``: structured text generated here (JSON records, CSV rows, arithmetic, identifiers).
 
-Variants: plain SliceGPT, the vocabulary prior in the first basis, self-generated calibration text, and both.
+Variants: plain SliceGPT, the vocabulary prior in the first basis, self-generated calibration text, both, and
+vocabulary-swapped copies of the calibration windows (``--calibration-augment swap:0.3``).
 
     .venv/bin/python benchmarks/robustness.py --sparsities 0.1,0.2,0.25,0.3 --out benchmarks/results/robustness.json
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 import hf_slicegpt
-from hf_slicegpt.augment import self_generated_tokens
+from hf_slicegpt.augment import self_generated_tokens, swap_for_tokenizer
 from hf_slicegpt.data import calibration_tokens, evaluation_tokens
 from hf_slicegpt.evaluation import perplexity
 from hf_slicegpt.loading import load_model_and_tokenizer
@@ -33,10 +34,11 @@ from hf_slicegpt.loading import load_model_and_tokenizer
 logger = logging.getLogger("robustness")
 
 VARIANTS = {
-    "plain": dict(vocab_prior=0.0, augment=0),
-    "vocab-prior": dict(vocab_prior=1.0, augment=0),
-    "self-augment": dict(vocab_prior=0.0, augment=32),
-    "prior+augment": dict(vocab_prior=1.0, augment=32),
+    "plain": dict(vocab_prior=0.0, augment=0, swap=0.0),
+    "vocab-prior": dict(vocab_prior=1.0, augment=0, swap=0.0),
+    "self-augment": dict(vocab_prior=0.0, augment=32, swap=0.0),
+    "prior+augment": dict(vocab_prior=1.0, augment=32, swap=0.0),
+    "swap": dict(vocab_prior=0.0, augment=0, swap=0.3),
 }
 
 
@@ -136,6 +138,8 @@ def main() -> None:
             data = calib
             if settings["augment"]:
                 data = torch.cat([calib, augment_cache[settings["augment"]]])
+            if settings["swap"]:
+                data = torch.cat([data, swap_for_tokenizer(calib, settings["swap"], tokenizer, seed=0)])
             start = time.perf_counter()
             sliced = hf_slicegpt.slice_model(
                 model, data, sparsity, vocab_prior=settings["vocab_prior"], show_progress=False

@@ -181,7 +181,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
     from .. import distributed, slice_model, validate_sparsity
     from .. import report as reporting
-    from ..augment import parse_augment, self_generated_tokens
+    from ..augment import parse_augment, self_generated_tokens, swap_for_tokenizer
     from ..data import calibration_tokens, evaluation_tokens, load_text
     from ..evaluation import perplexity
     from ..io import check_output_dir, write_checkpoint
@@ -199,8 +199,11 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             "--export native writes the family's own architecture, which needs one basis everywhere: "
             "add --rotation global"
         )
-    if job.low_memory and (augment or job.export == "native"):
-        raise ValueError("--low-memory cannot be combined with --calibration-augment or --export native")
+    if job.low_memory and (augment.self_samples or job.export == "native"):
+        raise ValueError(
+            "--low-memory cannot be combined with --calibration-augment self:N (it samples from the whole dense "
+            "model) or --export native"
+        )
     # Under torchrun / accelerate launch: join the group; each rank calibrates on its share, rank 0 writes.
     if distributed.init_from_environment(job.device) and job.device is None:
         device = str(distributed.local_device())
@@ -278,16 +281,30 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
     if augment:
         with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
-            extra = self_generated_tokens(
-                model,
-                tokenizer,
-                augment,
-                seq_len,
-                seed=job.seed,
-                batch_size=job.batch_size,
-                show_progress=show_progress,
-            )
-            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
+            extra = []
+            if augment.swap_fraction:
+                extra.append(
+                    swap_for_tokenizer(
+                        calibration,
+                        augment.swap_fraction,
+                        tokenizer,
+                        vocab_size=model.config.vocab_size,
+                        seed=job.seed,
+                    )
+                )
+            if augment.self_samples:
+                extra.append(
+                    self_generated_tokens(
+                        model,
+                        tokenizer,
+                        augment.self_samples,
+                        seq_len,
+                        seed=job.seed,
+                        batch_size=job.batch_size,
+                        show_progress=show_progress,
+                    )
+                )
+            calibration = torch.cat([calibration, *(e.to(calibration.dtype) for e in extra)])
 
     with phase("slicing"):
         sliced = slice_model(
@@ -370,9 +387,11 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
 def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: bool) -> SliceResult:
     """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from .. import report as reporting
+    from ..augment import parse_augment, swap_for_tokenizer
     from ..data import calibration_tokens
     from ..streaming import resolve_checkpoint, slice_checkpoint
 
@@ -385,7 +404,8 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
     start = time.perf_counter()
     source = resolve_checkpoint(job.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    seq_len = capped_seq_len(job.seq_len, AutoConfig.from_pretrained(source), "calibration")
+    config = AutoConfig.from_pretrained(source)
+    seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
         calibration = calibration_tokens(
             tokenizer,
@@ -397,6 +417,12 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
             split=job.split,
             subset=job.subset,
         )
+        augment = parse_augment(job.calibration_augment)
+        if augment.swap_fraction:
+            swapped = swap_for_tokenizer(
+                calibration, augment.swap_fraction, tokenizer, vocab_size=config.vocab_size, seed=job.seed
+            )
+            calibration = torch.cat([calibration, swapped])
     settings = asdict(job)
     settings.update(seq_len=seq_len, device=str(device), sparsity=sparsity)
     settings.pop("overwrite")
@@ -583,9 +609,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--calibration-augment",
-        metavar="self:N",
+        metavar="SPEC",
         default=None,
-        help="add N calibration sequences sampled from the dense model itself (out-of-domain robustness)",
+        help="out-of-domain robustness: self:N adds N sequences sampled from the dense model; swap:F adds a "
+        "copy of every window with a fraction F of its token types swapped for other vocabulary words; "
+        "both: self:N,swap:F",
     )
     parser.add_argument(
         "--export",
