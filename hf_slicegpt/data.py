@@ -44,6 +44,8 @@ __all__ = [
     "calibration_tokens",
     "evaluation_tokens",
     "load_text",
+    "mix_counts",
+    "mixed_calibration_tokens",
     "tokenize_text",
     "windows",
 ]
@@ -507,6 +509,68 @@ def calibration_tokens(
         seq_len,
     )
     return windows(ids, seq_len, num_samples, seed)
+
+
+def mix_counts(num_samples: int, mix: Sequence[tuple[str, float]]) -> list[int]:
+    """Windows per source for ``mix`` (``(source, fraction)`` pairs) out of ``num_samples``; the main source
+    first. Each mixed source gets at least one window, the main source the rest (at least one)."""
+    _check_num_samples(num_samples)
+    counts = []
+    for source, fraction in mix:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise DataSourceError(
+                f"calibration mix fraction for {source!r} must be in (0, 1), got {fraction!r}; e.g. 0.125 "
+                "gives that source one window in eight"
+            )
+        counts.append(max(1, round(fraction * num_samples)))
+    main = num_samples - sum(counts)
+    if main < 1:
+        raise DataSourceError(
+            f"the calibration mix {[f for _, f in mix]} leaves no windows of {num_samples} for the main source; "
+            "use smaller fractions (their sum must stay below 1) or more samples"
+        )
+    return [main, *counts]
+
+
+def mixed_calibration_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    mix: Sequence[tuple[str, float]],
+    *,
+    num_samples: int = 128,
+    seq_len: int = 2048,
+    seed: int = 42,
+    text_column: str | None = None,
+    split: str | None = None,
+    subset: str | None = None,
+) -> torch.LongTensor:
+    """Calibration windows from ``source`` plus a fixed share from each ``(source, fraction)`` of ``mix``.
+
+    SliceGPT keeps the directions its calibration text uses, so a sliced model is good on that kind of text
+    and can be much worse on others. An eighth of the windows from another kind of text keeps most of it
+    (BENCHMARKS.md, "Robustness"). ``text_column``/``split``/``subset`` apply to ``source`` only; the mixed
+    sources are read with their defaults (local text files, presets, ``pydocs``).
+    """
+    counts = mix_counts(num_samples, mix)
+    parts = [
+        calibration_tokens(
+            tokenizer,
+            source,
+            num_samples=counts[0],
+            seq_len=seq_len,
+            seed=seed,
+            text_column=text_column,
+            split=split,
+            subset=subset,
+        )
+    ]
+    for (extra, _), count in zip(mix, counts[1:]):
+        parts.append(calibration_tokens(tokenizer, extra, num_samples=count, seq_len=seq_len, seed=seed))
+    logger.info(
+        "Calibration mix: %s",
+        ", ".join(f"{n} x {s!r}" for n, s in zip(counts, [source, *(m[0] for m in mix)])),
+    )
+    return torch.cat(parts)
 
 
 def evaluation_tokens(

@@ -97,3 +97,36 @@ def test_cli_swap_augmentation_changes_the_basis_the_same_way_in_both_paths(tmp_
     assert not (tmp_path / "refused").exists()
     code = main([*common, "--output", str(tmp_path / "bad"), "--calibration-augment", "swap:2"])
     assert code != 0 and "'swap:2'" in capsys.readouterr().err
+
+
+def test_cli_calibration_mix_changes_the_basis_and_names_bad_input(tmp_path, capsys) -> None:
+    """`--calibration-mix SOURCE FRACTION` calibrates on both sources; a bad mix fails before loading."""
+    from cli_helpers import save_tiny_checkpoint, write_corpus
+
+    from hf_slicegpt.cli import main
+
+    dense = save_tiny_checkpoint(tmp_path / "dense", num_hidden_layers=2)
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    other = tmp_path / "other.txt"
+    other.write_text(
+        "\n\n".join(f"Clause {i}: the Licensor grants the Work {i % 7} times." for i in range(400))
+    )
+    common = ["slice", str(dense), "--sparsity", "0.25", "--calibration", str(corpus), "--num-samples", "8"]
+    common += ["--seq-len", "32", "--quiet"]
+    assert main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--output", str(tmp_path / "mix"), "--calibration-mix", str(other), "0.25"]) == 0
+    plain, mixed = _tensors(tmp_path / "plain"), _tensors(tmp_path / "mix")
+    assert any(not torch.equal(plain[k], mixed[k]) for k in plain)
+    report = json.loads((tmp_path / "mix" / "slicing_report.json").read_text())
+    assert report["settings"]["calibration_mix"] == [[str(other), 0.25]]
+
+    capsys.readouterr()
+    for fraction, message in (("abc", "'abc'"), ("1.0", "must be in (0, 1)")):
+        code = main([*common, "--output", str(tmp_path / "bad"), "--calibration-mix", str(other), fraction])
+        err = capsys.readouterr().err
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1
+    code = main(
+        [*common, "--output", str(tmp_path / "bad"), "--calibration-mix", str(tmp_path / "nope.txt"), "0.1"]
+    )
+    assert code != 0 and "nope.txt" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

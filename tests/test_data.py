@@ -463,3 +463,30 @@ def test_hub_value_error_becomes_data_source_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(data, "load_dataset", fail)
     with pytest.raises(DataSourceError, match="Unknown split"):
         data.load_text("org/x", purpose="evaluation", split="tset")
+
+
+def test_mixed_calibration_draws_each_share_from_its_source(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    path = tmp_path / "other.txt"
+    path.write_text("\n\n".join(_paragraphs(400)), encoding="utf-8")
+    assert data.mix_counts(32, [(str(path), 0.125)]) == [28, 4]
+    assert data.mix_counts(8, [("a", 0.01), ("b", 0.25)]) == [5, 1, 2]  # every mixed source gets a window
+    rows = data.mixed_calibration_tokens(tokenizer, "pydocs", [(str(path), 0.25)], num_samples=8, seq_len=64)
+    main = data.calibration_tokens(tokenizer, "pydocs", num_samples=6, seq_len=64)
+    other = data.calibration_tokens(tokenizer, str(path), num_samples=2, seq_len=64)
+    assert torch.equal(rows, torch.cat([main, other]))
+
+
+@pytest.mark.parametrize(
+    ("mix", "match"),
+    [
+        ([("x.txt", 0.0)], r"'x.txt' must be in \(0, 1\), got 0.0"),
+        ([("x.txt", 1.5)], "got 1.5"),
+        ([("x.txt", True)], "got True"),
+        ([("a.txt", 0.5), ("b.txt", 0.5)], "sum must stay below 1"),
+    ],
+)
+def test_mixed_calibration_refuses_bad_fractions(mix: list, match: str) -> None:
+    with pytest.raises(DataSourceError, match=match):
+        data.mix_counts(8, mix)

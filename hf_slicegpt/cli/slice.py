@@ -140,8 +140,11 @@ class SliceJob:
     low_memory: bool = False
     checkpoint_every: int = 0
     resume: bool = False
-    # Out-of-domain robustness: "self:N" adds N sequences sampled from the dense model to the calibration.
+    # Out-of-domain robustness: "self:N" adds N sequences sampled from the dense model to the calibration,
+    # "swap:F" vocabulary-swapped copies of the windows; calibration_mix draws a share of the windows from
+    # other sources, as (source, fraction) pairs.
     calibration_augment: str | None = None
+    calibration_mix: list[tuple[str, float]] = field(default_factory=list)
     # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
     export: str = "sliced"
 
@@ -182,7 +185,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     from .. import distributed, slice_model, validate_sparsity
     from .. import report as reporting
     from ..augment import parse_augment, self_generated_tokens, swap_for_tokenizer
-    from ..data import calibration_tokens, evaluation_tokens, load_text
+    from ..data import evaluation_tokens, load_text, mix_counts, mixed_calibration_tokens
     from ..evaluation import perplexity
     from ..io import check_output_dir, write_checkpoint
     from ..loading import load_model_and_tokenizer
@@ -220,6 +223,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     start = time.perf_counter()
 
     with phase("check_data"):  # fail fast on a bad source; the text is cached by `datasets` for reuse
+        mix_counts(job.num_samples, job.calibration_mix)
         load_text(
             job.calibration,
             purpose="calibration",
@@ -227,6 +231,8 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             split=job.split,
             subset=job.subset,
         )
+        for source, _ in job.calibration_mix:
+            load_text(source, purpose="calibration")
         if job.eval_data:
             load_text(
                 job.eval_data,
@@ -245,9 +251,10 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):
-        calibration = calibration_tokens(
+        calibration = mixed_calibration_tokens(
             tokenizer,
             job.calibration,
+            job.calibration_mix,
             num_samples=job.num_samples,
             seq_len=seq_len,
             seed=job.seed,
@@ -392,7 +399,7 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
 
     from .. import report as reporting
     from ..augment import parse_augment, swap_for_tokenizer
-    from ..data import calibration_tokens
+    from ..data import mixed_calibration_tokens
     from ..streaming import resolve_checkpoint, slice_checkpoint
 
     if job.eval_data:
@@ -407,9 +414,10 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
     config = AutoConfig.from_pretrained(source)
     seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
-        calibration = calibration_tokens(
+        calibration = mixed_calibration_tokens(
             tokenizer,
             job.calibration,
+            job.calibration_mix,
             num_samples=job.num_samples,
             seq_len=seq_len,
             seed=job.seed,
@@ -608,6 +616,14 @@ def register(subparsers: Any) -> None:
         "--plots", action="store_true", help="also write eigenvalue-spectrum PNGs to DIR/plots"
     )
     parser.add_argument(
+        "--calibration-mix",
+        nargs=2,
+        action="append",
+        metavar=("SOURCE", "FRACTION"),
+        help="draw FRACTION of the calibration windows from SOURCE (repeatable), e.g. --calibration-mix "
+        "./legal 0.125: a sliced model keeps the kinds of text its calibration covers",
+    )
+    parser.add_argument(
         "--calibration-augment",
         metavar="SPEC",
         default=None,
@@ -623,6 +639,19 @@ def register(subparsers: Any) -> None:
         "hidden_size, loadable anywhere without hf-slicegpt (needs --rotation global, RMSNorm families)",
     )
     parser.set_defaults(func=run_command)
+
+
+def _mix_pairs(pairs: list[list[str]]) -> list[tuple[str, float]]:
+    """``--calibration-mix SOURCE FRACTION`` pairs, with the fraction read as a number."""
+    result = []
+    for source, fraction in pairs:
+        try:
+            result.append((source, float(fraction)))
+        except ValueError:
+            raise ValueError(
+                f"--calibration-mix {source} {fraction!r}: the fraction must be a number in (0, 1), e.g. 0.125"
+            ) from None
+    return result
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -652,6 +681,7 @@ def run_command(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         calibration_augment=args.calibration_augment,
+        calibration_mix=_mix_pairs(args.calibration_mix or []),
         export=args.export,
     )
     from .. import distributed
