@@ -7,8 +7,11 @@ different text that every Debian machine or this script provides (out-of-domain)
 - ``git-notes``: git's release notes under /usr/share/doc/git/RelNotes (terse changelog English with code);
 - ``synthetic``: structured text generated here (JSON records, CSV rows, arithmetic, identifiers).
 
-Variants: plain SliceGPT, the vocabulary prior in the first basis, self-generated calibration text, both, and
-vocabulary-swapped copies of the calibration windows (``--calibration-augment swap:0.3``).
+Variants: plain SliceGPT, the vocabulary prior in the first basis, self-generated calibration text, both,
+vocabulary-swapped copies of the calibration windows (``--calibration-augment swap:0.3``), and ``mix``: a share
+``--mix-fraction`` of the windows from each out-of-domain kind of text, taken from *other documents* than the
+ones evaluated (other licences, older release notes, synthetic text with another seed), as
+``--calibration-mix`` does.
 
     .venv/bin/python benchmarks/robustness.py --sparsities 0.1,0.2,0.25,0.3 --out benchmarks/results/robustness.json
 """
@@ -27,7 +30,7 @@ import torch
 
 import hf_slicegpt
 from hf_slicegpt.augment import self_generated_tokens, swap_for_tokenizer
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.data import calibration_tokens, evaluation_tokens, mixed_calibration_tokens
 from hf_slicegpt.evaluation import perplexity
 from hf_slicegpt.loading import load_model_and_tokenizer
 
@@ -39,6 +42,7 @@ VARIANTS = {
     "self-augment": dict(vocab_prior=0.0, augment=32, swap=0.0),
     "prior+augment": dict(vocab_prior=1.0, augment=32, swap=0.0),
     "swap": dict(vocab_prior=0.0, augment=0, swap=0.3),
+    "mix": dict(vocab_prior=0.0, augment=0, swap=0.0, mix=True),
 }
 
 
@@ -89,6 +93,30 @@ def ood_sources(root: Path) -> dict[str, str]:
     return sources
 
 
+def ood_calibration_sources(root: Path) -> dict[str, str]:
+    """Text of the same kinds as :func:`ood_sources` but from documents the evaluation never reads."""
+    sources = {}
+    licenses = Path("/usr/share/common-licenses")
+    if licenses.is_dir():  # the evaluation reads the first files (Apache-2.0, Artistic, BSD, CC0...)
+        target = root / "licenses-other"
+        target.mkdir()
+        for path in sorted(
+            p for p in licenses.iterdir() if p.is_file() and p.name.startswith(("GPL", "LGPL", "MPL"))
+        ):
+            (target / f"{path.name}.txt").write_text(path.read_text(errors="replace"))
+        sources["licenses"] = str(target)
+    notes = Path("/usr/share/doc/git/RelNotes")
+    if notes.is_dir():  # the evaluation reads the newest 60
+        target = root / "git-notes-older"
+        target.mkdir()
+        for path in sorted(notes.glob("*.txt"))[:-60]:
+            (target / path.name).write_text(path.read_text(errors="replace"))
+        sources["git-notes"] = str(target)
+    (root / "synthetic-other.txt").write_text(synthetic_text(seed=1))
+    sources["synthetic"] = str(root / "synthetic-other.txt")
+    return sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,6 +129,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--mix-fraction", type=float, default=1 / 12, help="share of windows per out-of-domain kind ('mix')"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -138,6 +169,19 @@ def main() -> None:
             data = calib
             if settings["augment"]:
                 data = torch.cat([calib, augment_cache[settings["augment"]]])
+            if settings.get("mix"):
+                mix = [
+                    (source, args.mix_fraction)
+                    for source in ood_calibration_sources(Path(tempfile.mkdtemp())).values()
+                ]
+                data = mixed_calibration_tokens(
+                    tokenizer,
+                    args.calibration,
+                    mix,
+                    num_samples=args.num_samples,
+                    seq_len=args.seq_len,
+                    seed=0,
+                )
             if settings["swap"]:
                 data = torch.cat([data, swap_for_tokenizer(calib, settings["swap"], tokenizer, seed=0)])
             start = time.perf_counter()
