@@ -1,9 +1,11 @@
-"""#8 diagnostics: variants of the vocabulary swap. Each spec is ``FRACTION:EXTRA:OFFSET[:MIN_ID]``.
+"""#8 diagnostics: variants of the vocabulary swap. Each spec is ``FRACTION:EXTRA:OFFSET[:MIN_ID[:rep]]``.
 
 ``EXTRA`` swapped copies of the first calibration windows are added to the 32 pydocs windows (``0``: the last 16
 windows are swapped in place instead); ``OFFSET`` sets the replacement weights ``1 / (id + OFFSET)``; only token
 ids >= ``MIN_ID`` are swapped or drawn (1000 leaves punctuation and function words alone). The library's
-``swap:F`` is ``F:32:200``. Prints perplexity relative to dense at 25%.
+``swap:F`` is ``F:32:200``. ``rep``: each swapped window's second half repeats its first half, so every swapped
+word is copied in context. ``EXTRA`` above 32 takes further copies with other seeds. Prints perplexity relative
+to dense at 25%.
 """
 
 import json
@@ -53,8 +55,14 @@ for spec in sys.argv[1:]:
     parts = spec.split(":")
     fraction, extra, offset = float(parts[0]), int(parts[1]), float(parts[2])
     min_id = int(parts[3]) if len(parts) > 3 else 17  # SmolLM2's ids 0-16 are special tokens
+    repeat = len(parts) > 4 and parts[4] == "rep"
     if extra:
-        c = torch.cat([calib, substitute(calib[:extra], fraction, offset, min_id)])
+        copies = [substitute(calib, fraction, offset, min_id, seed=1 + i) for i in range(-(-extra // 32))]
+        swapped = torch.cat(copies)[:extra]
+        if repeat:
+            half = swapped.shape[1] // 2
+            swapped = torch.cat([swapped[:, :half], swapped[:, :half]], dim=1)
+        c = torch.cat([calib, swapped])
     else:
         c = torch.cat([calib[:16], substitute(calib[16:], fraction, offset, min_id)])
     m, _ = load_model_and_tokenizer("smollm2", dtype="float32")
