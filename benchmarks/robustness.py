@@ -33,6 +33,7 @@ from hf_slicegpt.augment import self_generated_tokens, swap_for_tokenizer
 from hf_slicegpt.data import calibration_tokens, evaluation_tokens, mixed_calibration_tokens
 from hf_slicegpt.evaluation import perplexity
 from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.rft import RFTConfig, rft
 
 logger = logging.getLogger("robustness")
 
@@ -130,6 +131,13 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--rft-steps",
+        type=int,
+        default=0,
+        help="then recovery fine-tune each sliced model on the calibration source's training part (LoRA, the RFT "
+        "section's settings: 128 x 256 windows, batch 2, lr 1e-3) for this many steps before measuring",
+    )
+    parser.add_argument(
         "--mix-fraction", type=float, default=1 / 12, help="share of windows per out-of-domain kind ('mix')"
     )
     args = parser.parse_args()
@@ -189,10 +197,24 @@ def main() -> None:
                 model, data, sparsity, vocab_prior=settings["vocab_prior"], show_progress=False
             )
             seconds = time.perf_counter() - start
+            if args.rft_steps:
+                config = RFTConfig(
+                    num_samples=128,
+                    seq_len=256,
+                    max_steps=args.rft_steps,
+                    batch_size=2,
+                    learning_rate=1e-3,
+                    warmup_steps=0.05,
+                    logging_steps=10,
+                    use_cpu=not torch.cuda.is_available(),
+                )
+                sliced = rft(
+                    sliced, tokenizer, args.calibration, None, config, evaluate=False, show_progress=False
+                ).model.eval()
             ppl = measure(sliced)
             rows.append(
                 dict(
-                    variant=variant,
+                    variant=variant + (f"+rft{args.rft_steps}" if args.rft_steps else ""),
                     sparsity=sparsity,
                     seconds=seconds,
                     ppl=ppl,

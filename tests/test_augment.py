@@ -119,6 +119,7 @@ def test_cli_calibration_mix_changes_the_basis_and_names_bad_input(tmp_path, cap
     assert any(not torch.equal(plain[k], mixed[k]) for k in plain)
     report = json.loads((tmp_path / "mix" / "slicing_report.json").read_text())
     assert report["settings"]["calibration_mix"] == [[str(other), 0.25]]
+    assert f"mixed in       {other} (0.25)" in capsys.readouterr().out
 
     capsys.readouterr()
     for fraction, message in (("abc", "'abc'"), ("1.0", "must be in (0, 1)")):

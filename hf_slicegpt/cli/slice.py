@@ -489,6 +489,16 @@ def format_summary(report: dict[str, Any], output: Path | str) -> str:
         f"(total {report['seconds'].get('total', 0):.1f} s)",
         f"  calibration    {settings['calibration']}: {settings['num_samples']} x {settings['seq_len']} tokens, "
         f"seed {settings['seed']}",
+        *(
+            [f"  mixed in       {', '.join(f'{source} ({fraction:g})' for source, fraction in mix)}"]
+            if (mix := settings.get("calibration_mix"))
+            else []
+        ),
+        *(
+            [f"  augmented      {settings['calibration_augment']}"]
+            if settings.get("calibration_augment") not in (None, "", "none")
+            else []
+        ),
         f"  hidden size    {report['hidden_size']} -> {width_text} (round-to {slicing.get('round_to', '?')})",
         f"  parameters     {params['dense']:,} -> {params['sliced']:,} ({params['sliced_fraction']:.1%} of dense)",
     ]
