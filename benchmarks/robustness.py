@@ -209,7 +209,14 @@ def main() -> None:
                     use_cpu=not torch.cuda.is_available(),
                 )
                 sliced = rft(
-                    sliced, tokenizer, args.calibration, None, config, evaluate=False, show_progress=False
+                    sliced,
+                    tokenizer,
+                    args.calibration,
+                    None,
+                    config,
+                    evaluate=False,
+                    checkpoint_dir=tempfile.mkdtemp(prefix="robustness-rft-"),
+                    show_progress=False,
                 ).model.eval()
             ppl = measure(sliced)
             rows.append(
