@@ -8,32 +8,19 @@ word is copied in context. ``EXTRA`` above 32 takes further copies with other se
 to dense at 25%.
 """
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from robustness import ood_sources
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fresh_model, setup
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
 
-torch.set_num_threads(1)
-EVT = 2048
 VOCAB = 49152
-workdir = Path(tempfile.mkdtemp())
-_, tok = load_model_and_tokenizer("smollm2", dtype="float32")
-calib = calibration_tokens(tok, "pydocs", num_samples=32, seq_len=512, seed=0)
-srcs = ood_sources(workdir)
-evals = {"in": evaluation_tokens(tok, "pydocs", seq_len=512, max_tokens=EVT)}
-for k in srcs:
-    evals[k] = evaluation_tokens(tok, srcs[k], seq_len=512, max_tokens=EVT, split="all")
-dense = json.loads((Path(tempfile.gettempdir()) / "hf_slicegpt_diag_dense.json").read_text())  # variants.py
+env = setup()
+calib = env.calibration
 
 
 def substitute(rows, fraction, offset, min_id, seed=1):
@@ -65,7 +52,5 @@ for spec in sys.argv[1:]:
         c = torch.cat([calib, swapped])
     else:
         c = torch.cat([calib[:16], substitute(calib[16:], fraction, offset, min_id)])
-    m, _ = load_model_and_tokenizer("smollm2", dtype="float32")
-    s = hf_slicegpt.slice_model(m, c, 0.25, show_progress=False)
-    r = {k: perplexity(s, v, batch_size=4, show_progress=False).perplexity for k, v in evals.items()}
-    print(spec, {k: f"{r[k] / dense[k]:.2f}x({r[k]:.1f})" for k in r}, flush=True)
+    sliced = hf_slicegpt.slice_model(fresh_model(), c, 0.25, show_progress=False)
+    print(spec, env.relative(sliced), flush=True)

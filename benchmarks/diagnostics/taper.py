@@ -5,42 +5,16 @@
 SmolLM2 only (30 blocks). Prints parameters and perplexity relative to dense for each spec.
 """
 
-import json
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from robustness import ood_sources
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import fresh_model, setup
 
 import hf_slicegpt
 from hf_slicegpt import slicing
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
 
-torch.set_num_threads(1)
-EVT = 2048
-workdir = Path(tempfile.mkdtemp())
-dense_model, tok = load_model_and_tokenizer("smollm2", dtype="float32")
-calib = calibration_tokens(tok, "pydocs", num_samples=32, seq_len=512, seed=0)
-srcs = ood_sources(workdir)
-evals = {"in": evaluation_tokens(tok, "pydocs", seq_len=512, max_tokens=EVT)}
-for k in srcs:
-    evals[k] = evaluation_tokens(tok, srcs[k], seq_len=512, max_tokens=EVT, split="all")
-
-
-def measure(m):
-    return {k: perplexity(m, v, batch_size=4, show_progress=False).perplexity for k, v in evals.items()}
-
-
-cache = Path(tempfile.gettempdir()) / "hf_slicegpt_diag_dense.json"
-if not cache.exists():
-    cache.write_text(json.dumps(measure(dense_model)))
-dense = json.loads(cache.read_text())
-del dense_model
+env = setup()
 orig = slicing._Slicer._const_plan
 
 
@@ -61,8 +35,5 @@ for spec in sys.argv[1:]:
         return p
 
     slicing._Slicer._const_plan = plan
-    m, _ = load_model_and_tokenizer("smollm2", dtype="float32")
-    s = hf_slicegpt.slice_model(m, calib, 0.25, show_progress=False)
-    n = sum(p.numel() for p in s.parameters())
-    r = measure(s)
-    print(spec, n, {k: f"{r[k] / dense[k]:.2f}x({r[k]:.1f})" for k in r}, flush=True)
+    sliced = hf_slicegpt.slice_model(fresh_model(), env.calibration, 0.25, show_progress=False)
+    print(spec, sum(p.numel() for p in sliced.parameters()), env.relative(sliced), flush=True)
