@@ -529,9 +529,9 @@ class _Slicer:
         A shared basis projects the attention's contribution onto the block input's principal subspace. Where
         the attention writes strongly outside it (SmolLM2's does in every layer: the shared basis loses 4-20x
         what the block's own loses), that contribution is lost for good: sharing every mid basis took SmolLM2
-        at 25% from 1.7x to 185x perplexity. Here the mid signal's energy lost by the shared basis is compared with what the
-        signal's own basis of the same width loses; past :data:`SHARED_MID_TOLERANCE` times that, the block
-        gets its own basis and one shortcut matrix (a few more parameters, recorded in the plan).
+        at 25% from 1.7x to 185x perplexity. Here the mid signal's energy lost by the shared basis is compared
+        with what the signal's own basis of the same width loses; past :data:`SHARED_MID_TOLERANCE` times that,
+        the block gets its own basis and one shortcut matrix (a few more parameters, recorded in the plan).
         """
         width = q_in.shape[1]
         cov = self._covariance(full, masks, f"layer {idx} attention output")

@@ -17,6 +17,7 @@ checkpoint that ``slice_model`` + ``save_pretrained`` write.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -48,6 +49,17 @@ class StreamingError(ValueError):
     """The source cannot be sliced on the low-memory path (names the reason and the alternative)."""
 
 
+@functools.cache
+def _libc() -> Any:
+    """glibc, or ``None`` where there is none (musl, macOS, Windows)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere.
 
@@ -55,18 +67,9 @@ def _return_freed_memory() -> None:
     so later blocks come from the heap, whose freed pages it keeps: without a trim the resident set creeps up
     block by block, and peak memory grows with depth although nothing is retained.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def staging_dir(output: str | os.PathLike) -> Path:

@@ -184,8 +184,8 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
     from .. import distributed, slice_model, validate_sparsity
     from .. import report as reporting
-    from ..augment import parse_augment, self_generated_tokens, swap_for_tokenizer
-    from ..data import evaluation_tokens, load_text, mix_counts, mixed_calibration_tokens
+    from ..augment import parse_augment, self_generated_tokens
+    from ..data import evaluation_tokens, load_text, mix_counts
     from ..evaluation import perplexity
     from ..io import check_output_dir, write_checkpoint
     from ..loading import load_model_and_tokenizer
@@ -251,17 +251,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):
-        calibration = mixed_calibration_tokens(
-            tokenizer,
-            job.calibration,
-            job.calibration_mix,
-            num_samples=job.num_samples,
-            seq_len=seq_len,
-            seed=job.seed,
-            text_column=job.text_column,
-            split=job.split,
-            subset=job.subset,
-        )
+        calibration = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
         eval_ids = None
         if job.eval_data:
             eval_ids = evaluation_tokens(
@@ -286,32 +276,18 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
                 model, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
             )
 
-    if augment:
+    if augment.self_samples:
         with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
-            extra = []
-            if augment.swap_fraction:
-                extra.append(
-                    swap_for_tokenizer(
-                        calibration,
-                        augment.swap_fraction,
-                        tokenizer,
-                        vocab_size=model.config.vocab_size,
-                        seed=job.seed,
-                    )
-                )
-            if augment.self_samples:
-                extra.append(
-                    self_generated_tokens(
-                        model,
-                        tokenizer,
-                        augment.self_samples,
-                        seq_len,
-                        seed=job.seed,
-                        batch_size=job.batch_size,
-                        show_progress=show_progress,
-                    )
-                )
-            calibration = torch.cat([calibration, *(e.to(calibration.dtype) for e in extra)])
+            extra = self_generated_tokens(
+                model,
+                tokenizer,
+                augment.self_samples,
+                seq_len,
+                seed=job.seed,
+                batch_size=job.batch_size,
+                show_progress=show_progress,
+            )
+            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
 
     with phase("slicing"):
         sliced = slice_model(
@@ -392,14 +368,37 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
 
 
+def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
+    """``job``'s calibration windows, the same on both paths: its source and the mixed-in sources, then (with
+    ``swap:F``) a vocabulary-swapped copy of them. Self-generated text needs the dense model and comes later."""
+    import torch
+
+    from ..augment import parse_augment, swap_for_tokenizer
+    from ..data import mixed_calibration_tokens
+
+    calibration = mixed_calibration_tokens(
+        tokenizer,
+        job.calibration,
+        job.calibration_mix,
+        num_samples=job.num_samples,
+        seq_len=seq_len,
+        seed=job.seed,
+        text_column=job.text_column,
+        split=job.split,
+        subset=job.subset,
+    )
+    fraction = parse_augment(job.calibration_augment).swap_fraction
+    if fraction:
+        swapped = swap_for_tokenizer(calibration, fraction, tokenizer, vocab_size=vocab_size, seed=job.seed)
+        calibration = torch.cat([calibration, swapped])
+    return calibration
+
+
 def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: bool) -> SliceResult:
     """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from .. import report as reporting
-    from ..augment import parse_augment, swap_for_tokenizer
-    from ..data import mixed_calibration_tokens
     from ..streaming import resolve_checkpoint, slice_checkpoint
 
     if job.eval_data:
@@ -414,23 +413,7 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
     config = AutoConfig.from_pretrained(source)
     seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
-        calibration = mixed_calibration_tokens(
-            tokenizer,
-            job.calibration,
-            job.calibration_mix,
-            num_samples=job.num_samples,
-            seq_len=seq_len,
-            seed=job.seed,
-            text_column=job.text_column,
-            split=job.split,
-            subset=job.subset,
-        )
-        augment = parse_augment(job.calibration_augment)
-        if augment.swap_fraction:
-            swapped = swap_for_tokenizer(
-                calibration, augment.swap_fraction, tokenizer, vocab_size=config.vocab_size, seed=job.seed
-            )
-            calibration = torch.cat([calibration, swapped])
+        calibration = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)
     settings = asdict(job)
     settings.update(seq_len=seq_len, device=str(device), sparsity=sparsity)
     settings.pop("overwrite")
