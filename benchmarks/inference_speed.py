@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens
-from hf_slicegpt.loading import load_model_and_tokenizer, resolve_source
+from hf_slicegpt.workflows.data import calibration_tokens
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer, resolve_source
 
 logger = logging.getLogger("inference_speed")
 

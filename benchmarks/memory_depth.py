@@ -5,7 +5,7 @@ nothing of one measurement leaks into another.
 
 1. Depth: two random LLaMA checkpoints that differ only in depth (hidden 1024, 8 vs 32 layers by default) are
    saved to disk first (in their own subprocesses), then sliced:
-   - ``low-memory``: :func:`hf_slicegpt.streaming.slice_checkpoint`, activations in host RAM;
+   - ``low-memory``: :func:`hf_slicegpt.runtime.streaming.slice_checkpoint`, activations in host RAM;
    - ``low-memory+disk``: the same with activations in a memory-mapped file;
    - ``default``: load the whole model, ``slice_model``, ``save_pretrained`` (for contrast: grows with depth).
    Target: the deeper checkpoint costs at most 10% more peak RSS on the low-memory path.
@@ -63,12 +63,12 @@ _SLICE = (
     _PRELUDE
     + """
 import hf_slicegpt
-from hf_slicegpt.streaming import slice_checkpoint
+from hf_slicegpt.runtime.streaming import slice_checkpoint
 source, out, mode, samples, seq_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 if source == "smollm2":
-    from hf_slicegpt.data import calibration_tokens
-    from hf_slicegpt.loading import load_model_and_tokenizer
-    from hf_slicegpt.streaming import resolve_checkpoint
+    from hf_slicegpt.workflows.data import calibration_tokens
+    from hf_slicegpt.workflows.loading import load_model_and_tokenizer
+    from hf_slicegpt.runtime.streaming import resolve_checkpoint
     from transformers import AutoTokenizer
     directory = resolve_checkpoint("smollm2")
     ids = calibration_tokens(AutoTokenizer.from_pretrained(directory), "pydocs", num_samples=samples,
@@ -91,9 +91,9 @@ print(json.dumps({"max_rss_bytes": peak(), "seconds": time.perf_counter() - star
 _DENSE_EVAL = (
     _PRELUDE
     + """
-from hf_slicegpt.data import evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.data import evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 model, tokenizer = load_model_and_tokenizer("smollm2", dtype="float32")
 ids = evaluation_tokens(tokenizer, "pydocs", seq_len=512)
 ppl = perplexity(model, ids, batch_size=4, show_progress=False).perplexity

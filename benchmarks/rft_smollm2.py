@@ -1,7 +1,7 @@
 """RFT benchmark: SmolLM2-135M dense vs sliced 25% vs sliced + recovery fine-tuning, fully offline.
 
 One run, one machine, side by side: the dense model and the sliced model are scored on the held-out pydocs
-tail, the sliced model is fine-tuned with LoRA (hf_slicegpt.rft, paper defaults r=32 alpha=10 dropout 0.05 on
+tail, the sliced model is fine-tuned with LoRA (hf_slicegpt.workflows.rft, paper defaults r=32 alpha=10 dropout 0.05 on
 every attention and MLP linear) on the pydocs training part, and scored again (rft measures before/after
 itself on the same windows). The merged result is saved and reloaded to check that it loads as a plain sliced
 checkpoint with the same logits.
@@ -25,10 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
-from hf_slicegpt.rft import RFTConfig, rft
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.rft import RFTConfig, rft
 
 logger = logging.getLogger("rft_smollm2")
 

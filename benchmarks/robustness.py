@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 import hf_slicegpt
-from hf_slicegpt.augment import self_generated_tokens, swap_for_tokenizer
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens, mixed_calibration_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
-from hf_slicegpt.rft import RFTConfig, rft
+from hf_slicegpt.workflows.augment import self_generated_tokens, swap_for_tokenizer
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens, mixed_calibration_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.rft import RFTConfig, rft
 
 logger = logging.getLogger("robustness")
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.export import NativeExportError, to_native
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.checkpoint.export import NativeExportError, to_native
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 logger = logging.getLogger("size_quality")
 

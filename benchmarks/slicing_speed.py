@@ -28,10 +28,11 @@ import time
 
 import torch
 
-from hf_slicegpt import pca, slicing
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt import slicing
+from hf_slicegpt.slicing import pca
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 logger = logging.getLogger("slicing_speed")
 
@@ -167,14 +168,18 @@ def main() -> None:
     rows, profile_split = [], None
     for precision in args.precisions:
         model, _ = load()
-        slicing.COVARIANCE_PRECISION = precision
         profiler = cProfile.Profile() if args.profile and profile_split is None else None
         _sync(device)
         start = time.perf_counter()
         if profiler:
             profiler.enable()
         sliced = slicing.slice_model(
-            model, calibration, args.sparsity, batch_size=args.batch_size, device=device, show_progress=False
+            model,
+            calibration,
+            slicing.SlicingConfig(sparsity=args.sparsity, covariance_precision=precision),
+            batch_size=args.batch_size,
+            device=device,
+            show_progress=False,
         )
         if profiler:
             profiler.disable()

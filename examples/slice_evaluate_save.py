@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt  # registers the sliced architecture with AutoModelForCausalLM
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 
 def main() -> None:

@@ -15,10 +15,12 @@ from .adapters import (
     register_adapter,
     supported_model_types,
 )
-from .export import NativeExportError, save_native, to_native
+from .checkpoint.export import NativeExportError, save_native, to_native
+from .errors import SliceGPTError
 from .modeling.configuration_sliced import SlicedConfig
 from .modeling.modeling_sliced import SlicedModelForCausalLM
-from .slicing import SlicingError, slice_model, sliced_width, validate_sparsity
+from .slicing import SlicingConfig, SlicingError, SlicingHooks, slice_model, sliced_width, validate_sparsity
+from .workflows.pipeline import SliceJob, SliceResult, run_slice
 
 __version__ = "0.1.0"
 
@@ -31,7 +33,7 @@ def _register() -> None:
     SlicedConfig.register_for_auto_class()
     SlicedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     # PEFT's default LoRA targets for model_type "slicegpt": `LoraConfig()` without target_modules works.
-    from .rft import register_peft_targets
+    from .workflows.rft import register_peft_targets
 
     register_peft_targets()
 
@@ -42,11 +44,17 @@ __all__ = [
     "FamilyAdapter",
     "NativeExportError",
     "SlicedConfig",
+    "SliceGPTError",
+    "SliceJob",
+    "SliceResult",
     "SlicedModelForCausalLM",
+    "SlicingConfig",
     "SlicingError",
+    "SlicingHooks",
     "UnsupportedModelError",
     "get_adapter",
     "register_adapter",
+    "run_slice",
     "save_native",
     "slice_model",
     "sliced_width",

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hf_slicegpt.augment import Augmentation, AugmentError, parse_augment, swapped_tokens
+from hf_slicegpt.workflows.augment import Augmentation, AugmentError, parse_augment, swapped_tokens
 
 
 def test_parse_augment_reads_both_kinds_and_names_bad_specs() -> None:

@@ -16,8 +16,9 @@ import datasets
 import pytest
 from cli_helpers import run_cli, save_tiny_checkpoint, single_thread, write_corpus
 
-from hf_slicegpt import cli, data
-from hf_slicegpt import report as reporting
+from hf_slicegpt import cli
+from hf_slicegpt.checkpoint import report as reporting
+from hf_slicegpt.workflows import data
 
 SEQ = ["--num-samples", "8", "--seq-len", "32"]
 

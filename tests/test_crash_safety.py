@@ -1,10 +1,10 @@
 """No lost data: a writer killed with SIGKILL at any point leaves the old checkpoint or the new one, never a mix.
 
 Two real tiny sliced checkpoints, A and B, are written over each other by child processes that are killed
-(SIGKILL: no cleanup runs) at defined points of ``hf_slicegpt.io.write_checkpoint`` and after random delays.
+(SIGKILL: no cleanup runs) at defined points of ``hf_slicegpt.checkpoint.io.write_checkpoint`` and after random delays.
 What is left at the target must be byte-for-byte A or B and must load with ``from_pretrained``.
 
-Most children load ``hf_slicegpt/io.py`` by path (stdlib only, so they start in milliseconds) and copy A's or B's
+Most children load ``hf_slicegpt/checkpoint/io.py`` by path (stdlib only, so they start in milliseconds) and copy A's or B's
 files slowly; one child runs the real ``save_pretrained`` path.
 """
 
@@ -26,17 +26,25 @@ from tiny_tokenizer import char_tokenizer
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
-from hf_slicegpt.io import recover, write_checkpoint
+from hf_slicegpt.checkpoint.io import recover, write_checkpoint
 
 PACKAGE = Path(hf_slicegpt.__file__).parent
-IO_PATH = PACKAGE / "io.py"
+IO_PATH = PACKAGE / "checkpoint" / "io.py"
 
 CHILD = r"""
-import importlib.util, os, shutil, sys, time
+import importlib.util, os, shutil, sys, time, types
 from pathlib import Path
 
-spec = importlib.util.spec_from_file_location("hf_io", sys.argv[1])
+# The package's __init__ (torch, transformers) is skipped: bare package modules let io.py's relative import
+# of the stdlib-only errors module resolve, so the child starts in milliseconds.
+root = Path(sys.argv[1]).parents[1]
+for name, path in (("hf_slicegpt", root), ("hf_slicegpt.checkpoint", root / "checkpoint")):
+    package = types.ModuleType(name)
+    package.__path__ = [str(path)]
+    sys.modules[name] = package
+spec = importlib.util.spec_from_file_location("hf_slicegpt.checkpoint.io", sys.argv[1])
 io = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = io
 spec.loader.exec_module(io)
 point, target, ready = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 sources = [Path(p) for p in sys.argv[5:]]
@@ -95,7 +103,7 @@ SAVE_CHILD = r"""
 import sys
 from pathlib import Path
 import hf_slicegpt
-from hf_slicegpt.io import write_checkpoint
+from hf_slicegpt.checkpoint.io import write_checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 target, ready, source = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
@@ -255,7 +263,7 @@ def test_every_checkpoint_write_in_the_package_is_atomic() -> None:
         ("loading.py", "_load_gguf"),
         ("resume.py", "save_tensors"),
         ("streaming.py", "_publish"),
-        ("slice.py", "extras"),
+        ("pipeline.py", "extras"),
     }
     offenders = []
     for path in PACKAGE.rglob("*.py"):
@@ -279,7 +287,7 @@ def test_every_checkpoint_write_in_the_package_is_atomic() -> None:
                     if inner.name not in handed_over and (path.name, inner.name) not in allowed:
                         offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} in {inner.name}()")
     assert not offenders, (
-        f"checkpoint writes outside hf_slicegpt.io.write_checkpoint: {sorted(set(offenders))}"
+        f"checkpoint writes outside hf_slicegpt.checkpoint.io.write_checkpoint: {sorted(set(offenders))}"
     )
 
 

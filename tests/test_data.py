@@ -1,4 +1,4 @@
-"""Tests for hf_slicegpt.data: sources, hold-out, windows. Offline: Hub calls are faked."""
+"""Tests for hf_slicegpt.workflows.data: sources, hold-out, windows. Offline: Hub calls are faked."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hf_slicegpt import data
-from hf_slicegpt.data import DataSourceError
+from hf_slicegpt.workflows import data
+from hf_slicegpt.workflows.data import DataSourceError
 
 PYDOCS_TEXT = "\n\n".join(topics[k] for k in sorted(topics))
 

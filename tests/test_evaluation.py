@@ -1,4 +1,4 @@
-"""Tests for hf_slicegpt.evaluation.perplexity on a tiny random LLaMA built in-process."""
+"""Tests for hf_slicegpt.workflows.evaluation.perplexity on a tiny random LLaMA built in-process."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hf_slicegpt.evaluation import PerplexityResult, perplexity
+from hf_slicegpt.workflows.evaluation import PerplexityResult, perplexity
 
 VOCAB = 128
 SEQ_LEN = 16

@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
 from hf_slicegpt import cli
-from hf_slicegpt.validation import validate_checkpoint
+from hf_slicegpt.checkpoint.validation import validate_checkpoint
 
 TEXT = "\n\n".join(topics[k] for k in sorted(topics))[-20_000:]
 DEADLINE_S = 300  # generous: the shared CI machine can be slow; a real hang never ends

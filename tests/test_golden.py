@@ -10,7 +10,6 @@ Float results depend on the CPU's kernels; the hashes are pinned on the project'
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import sys
@@ -23,8 +22,8 @@ from safetensors.torch import load_file
 from tiny import FAMILIES, calibration, make_tiny
 
 import hf_slicegpt
-from hf_slicegpt.export import to_native
-from hf_slicegpt.streaming import slice_checkpoint
+from hf_slicegpt.checkpoint.export import to_native
+from hf_slicegpt.runtime.streaming import slice_checkpoint
 
 HASHES = Path(__file__).parent / "golden" / "hashes.json"
 SPARSITY = 0.25

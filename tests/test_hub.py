@@ -18,8 +18,8 @@ from tiny import calibration, make_tiny
 from tiny_tokenizer import char_tokenizer
 
 import hf_slicegpt
-from hf_slicegpt import hub
-from hf_slicegpt.hub import (
+from hf_slicegpt.checkpoint import hub
+from hf_slicegpt.checkpoint.hub import (
     GENERATED_MARKER,
     InvalidCheckpointError,
     PushError,
@@ -28,7 +28,7 @@ from hf_slicegpt.hub import (
     push,
     write_model_card,
 )
-from hf_slicegpt.rft import RFTConfig, default_target_modules
+from hf_slicegpt.workflows.rft import RFTConfig, default_target_modules
 
 
 @pytest.fixture(autouse=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_slicegpt.invariance import center_rows, center_writer, fold_norm, norm_parameters
 from hf_slicegpt.modeling.modeling_sliced import SlicedRMSNorm
+from hf_slicegpt.slicing.rotate import center_rows, center_writer, fold_norm, norm_parameters
 
 D = 16
 # SlicedRMSNorm computes in float32 (as transformers' norms do), whatever its input dtype.

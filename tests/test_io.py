@@ -6,8 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from hf_slicegpt import io
-from hf_slicegpt.io import OutputExistsError, atomic_directory, check_output_dir, recover, write_checkpoint
+from hf_slicegpt.checkpoint import io
+from hf_slicegpt.checkpoint.io import (
+    OutputExistsError,
+    atomic_directory,
+    check_output_dir,
+    recover,
+    write_checkpoint,
+)
 
 
 def _write(directory: Path, content: str) -> None:

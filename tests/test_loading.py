@@ -15,8 +15,9 @@ from tiny import make_tiny
 from tiny_tokenizer import char_tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from hf_slicegpt import SlicedModelForCausalLM, loading, slice_model
-from hf_slicegpt.loading import (
+from hf_slicegpt import SlicedModelForCausalLM, slice_model
+from hf_slicegpt.workflows import loading
+from hf_slicegpt.workflows.loading import (
     SMOLLM2_ALIAS,
     SMOLLM2_GGUF,
     ModelSourceError,
@@ -116,7 +117,7 @@ def test_parse_dtype_unknown() -> None:
 # -- local directories --------------------------------------------------------------------------------------
 def test_local_directory_keeps_dtype_and_warns_without_tokenizer(tmp_path: Path, caplog) -> None:
     make_tiny("llama").to(torch.bfloat16).save_pretrained(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.loading"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.workflows.loading"):
         model, tokenizer = load_model_and_tokenizer(str(tmp_path))
     assert isinstance(model, LlamaForCausalLM) and not model.training
     assert model.dtype == torch.bfloat16  # dtype=None keeps the checkpoint's
@@ -175,7 +176,7 @@ def test_unwritable_cache_only_costs_speed(fake_gguf: dict, tmp_path: Path, monk
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the cache directory should be")
     monkeypatch.setenv("HF_SLICEGPT_CACHE", str(blocker))
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.loading"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.workflows.loading"):
         model, tokenizer = load_model_and_tokenizer(str(fake_gguf["path"]))
     assert isinstance(model, LlamaForCausalLM) and tokenizer is not None
     assert "Could not cache" in caplog.text

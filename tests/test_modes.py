@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
 from hf_slicegpt.adapters import get_adapter
-from hf_slicegpt.export import NativeExportError, save_native, to_native
+from hf_slicegpt.checkpoint.export import NativeExportError, save_native, to_native
 from hf_slicegpt.slicing import SlicingError
 
 MODES = {
@@ -81,16 +81,16 @@ def test_variance_schedule_is_not_captured_by_a_massive_activation(monkeypatch) 
     variance in one direction, and a raw-variance schedule would then keep a single ``round_to`` of width for
     it. The schedule's spectra weigh every token the same, so that scale must not change the first spectrum.
     """
-    from hf_slicegpt import slicing
+    from hf_slicegpt.slicing import loop
 
     seen: list[torch.Tensor] = []
-    original = slicing._Slicer._variance_plan
+    original = loop.variance_plan
 
-    def spy(self, spectra, shapes):
+    def spy(run, spectra, shapes):
         seen.append(spectra["embeddings"] / spectra["embeddings"].sum())
-        return original(self, spectra, shapes)
+        return original(run, spectra, shapes)
 
-    monkeypatch.setattr(slicing._Slicer, "_variance_plan", spy)
+    monkeypatch.setattr(loop, "variance_plan", spy)
     ids = calibration()
     ids[:, 0] = 0
     for scale in (1.0, 1000.0):
@@ -252,7 +252,7 @@ def test_vocab_prior_is_exact_at_zero_and_changes_the_first_basis() -> None:
 
 
 def test_self_generated_calibration_is_seeded() -> None:
-    from hf_slicegpt.augment import self_generated_tokens
+    from hf_slicegpt.workflows.augment import self_generated_tokens
 
     model = make_tiny("llama")
     first = self_generated_tokens(model, None, 3, 10, seed=3, batch_size=2, show_progress=False)

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from hf_slicegpt.pca import CHUNK_ROWS, Covariance, NonFiniteSignalError, eigenbasis
+from hf_slicegpt.slicing.pca import CHUNK_ROWS, Covariance, NonFiniteSignalError, eigenbasis
 
 
 def _signal(n: int = 300, width: int = 12, seed: int = 0) -> torch.Tensor:
@@ -134,7 +134,7 @@ def test_top_direction_is_the_dominant_one() -> None:
 def test_rank_deficient_covariance_warns_and_stays_finite(caplog: pytest.LogCaptureFixture) -> None:
     cov = Covariance(16, name="embeddings")
     cov.add(torch.randn(5, 16))
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.pca"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.slicing.pca"):
         values, vectors = eigenbasis(cov)
     assert "embeddings" in caplog.text and "rank-deficient" in caplog.text
     assert torch.isfinite(vectors).all() and torch.all(values >= 0)
@@ -145,7 +145,7 @@ def test_rank_deficient_covariance_warns_and_stays_finite(caplog: pytest.LogCapt
 def test_enough_tokens_do_not_warn(caplog: pytest.LogCaptureFixture) -> None:
     cov = Covariance(4)
     cov.add(torch.randn(50, 4))
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.pca"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.slicing.pca"):
         eigenbasis(cov)
     assert "rank-deficient" not in caplog.text
 

@@ -28,10 +28,11 @@ from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
 from hf_slicegpt import slicing
-from hf_slicegpt.offload import OffloadError
-from hf_slicegpt.pca import Covariance, NonFiniteSignalError
-from hf_slicegpt.resume import ResumeError
-from hf_slicegpt.streaming import slice_checkpoint, staging_dir
+from hf_slicegpt.runtime.offload import OffloadError
+from hf_slicegpt.runtime.resume import ResumeError
+from hf_slicegpt.runtime.streaming import slice_checkpoint, staging_dir
+from hf_slicegpt.slicing import InMemoryLayers
+from hf_slicegpt.slicing.pca import Covariance, NonFiniteSignalError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_streaming_checkpoint_equals_slice_model_and_save_pretrained(tmp_path, f
 
 
 def test_streaming_refuses_a_directory_without_safetensors(tmp_path):
-    from hf_slicegpt.streaming import StreamingError
+    from hf_slicegpt.runtime.streaming import StreamingError
 
     make_tiny("llama").config.save_pretrained(tmp_path)
     with pytest.raises(StreamingError, match="safetensors"):
@@ -150,36 +151,39 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_an_interruption_is_bit_identical(reference, tmp_path, monkeypatch):
+class _CountingLayers(InMemoryLayers):
+    """The in-memory source, recording which blocks are fetched and interrupting at ``stop_at``."""
+
+    def __init__(self, model, stop_at: int | None = None):
+        super().__init__(model.model.layers, torch.device("cpu"))
+        self.fetched: list[int] = []
+        self.stop_at = stop_at
+
+    def fetch(self, idx, device):
+        if idx == self.stop_at:
+            raise _Interrupt
+        self.fetched.append(idx)
+        return super().fetch(idx, device)
+
+
+def test_resume_after_an_interruption_is_bit_identical(reference, tmp_path):
     dense, ids, expected, stats = reference
     state = tmp_path / "state"
-    original = slicing._Slicer._checkpoint
-    calls = []
-
-    def interrupt_after_two(self, done, n, *args):
-        original(self, done, n, *args)
-        calls.append(done)
-        if done == 2:
-            raise _Interrupt
-
-    monkeypatch.setattr(slicing._Slicer, "_checkpoint", interrupt_after_two)
+    first = copy.deepcopy(dense)
     with pytest.raises(_Interrupt):
         hf_slicegpt.slice_model(
-            copy.deepcopy(dense), ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1,
-            show_progress=False,
+            first, ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1, show_progress=False,
+            source=_CountingLayers(first, stop_at=2),
         )  # fmt: skip
     assert json.loads((state / "state.json").read_text())["layers_done"] == 2
-    monkeypatch.setattr(slicing._Slicer, "_checkpoint", original)
 
-    fetched = []
-    fetch = slicing._Slicer._fetch_layer
-    monkeypatch.setattr(
-        slicing._Slicer, "_fetch_layer", lambda self, idx: fetched.append(idx) or fetch(self, idx)
-    )
+    second = copy.deepcopy(dense)
+    source = _CountingLayers(second)
     resumed = hf_slicegpt.slice_model(
-        copy.deepcopy(dense), ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1, resume=True,
-        show_progress=False,
+        second, ids, 0.25, batch_size=4, checkpoint_dir=state, checkpoint_every=1, resume=True,
+        show_progress=False, source=source,
     )  # fmt: skip
+    fetched = source.fetched
     assert fetched == [2, 3]  # the finished blocks were not recomputed
     _assert_same(_state(resumed), expected)
     assert _stats(resumed) == stats
@@ -204,17 +208,15 @@ def test_resume_needs_a_checkpoint_dir():
 
 _SLOW_SLICE = """
 import sys, time
-from hf_slicegpt import slicing
-original = slicing._Slicer._checkpoint
-def slow(self, done, n, *args):
-    original(self, done, n, *args)
-    if {delay} and done < n:
-        time.sleep({delay})  # time for the test to see the state and kill us
-slicing._Slicer._checkpoint = slow
-from hf_slicegpt.streaming import slice_checkpoint
+from hf_slicegpt.slicing import SlicingHooks
+def slow(name, cov, signals, masks):
+    if {delay} and name.startswith("layer"):
+        time.sleep({delay})  # each layer waits: time for the test to see the state and kill us
+    return cov
+from hf_slicegpt.runtime.streaming import slice_checkpoint
 from tiny import calibration
 slice_checkpoint(sys.argv[1], calibration(16, 16, seed=1), 0.25, sys.argv[2], batch_size=4,
-                 checkpoint_every=1, resume={resume}, show_progress=False)
+                 checkpoint_every=1, resume={resume}, show_progress=False, hooks=SlicingHooks(covariance=slow))
 """
 
 
@@ -264,7 +266,8 @@ def test_sigkill_mid_run_then_resume_gives_a_bit_identical_checkpoint(tmp_path):
 _DP_SLICE = """
 import sys, torch
 from safetensors.torch import save_file
-from hf_slicegpt import distributed, slice_model
+from hf_slicegpt import slice_model
+from hf_slicegpt.runtime import distributed
 from tiny import calibration, make_tiny
 distributed.init_from_environment("cpu")
 sliced = slice_model(make_tiny("llama", seed=0, num_hidden_layers=3), calibration(32, 16, seed=3), 0.25,

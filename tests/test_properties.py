@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_slicegpt
+from hf_slicegpt.checkpoint.validation import validate_checkpoint
 from hf_slicegpt.slicing import sliced_width
-from hf_slicegpt.validation import validate_checkpoint
 
 VOCAB = 64
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hf_slicegpt
-from hf_slicegpt.export import to_native
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.checkpoint.export import to_native
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 

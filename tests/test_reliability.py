@@ -27,11 +27,9 @@ from tiny_tokenizer import char_tokenizer
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
-from hf_slicegpt import cli, validation
-from hf_slicegpt.loading import load_model_and_tokenizer
-from hf_slicegpt.modeling import modeling_sliced
-from hf_slicegpt.pca import Covariance, NonFiniteSignalError, eigenbasis
-from hf_slicegpt.validation import (
+from hf_slicegpt import cli
+from hf_slicegpt.checkpoint import validation
+from hf_slicegpt.checkpoint.validation import (
     OWN_AUTO_MAP,
     CheckpointValidationError,
     InvalidConfigError,
@@ -42,6 +40,9 @@ from hf_slicegpt.validation import (
     WeightsFileError,
     validate_checkpoint,
 )
+from hf_slicegpt.modeling import modeling_sliced
+from hf_slicegpt.slicing.pca import Covariance, NonFiniteSignalError, eigenbasis
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 PACKAGE = Path(hf_slicegpt.__file__).parent
 TEXT = "\n\n".join(topics[k] for k in sorted(topics))[-20_000:]
@@ -407,7 +408,7 @@ def test_half_precision_models_slice_with_float64_statistics(
         seen.append(vectors.dtype)
         return values, vectors
 
-    monkeypatch.setattr("hf_slicegpt.slicing.eigenbasis", spy)
+    monkeypatch.setattr("hf_slicegpt.slicing.statistics.eigenbasis", spy)
     ids = calibration(2, 16, seed=7)
     reference = _sliced().eval()(ids).logits
     half = _sliced(dtype=dtype)
@@ -431,12 +432,12 @@ def test_zero_sparsity_in_bfloat16_is_the_dense_model() -> None:
 def test_rank_deficient_covariance_is_damped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     cov = Covariance(32, name="layer 3 output")
     cov.add(torch.randn(1, 5, 32, dtype=torch.float64))  # 5 tokens for width 32: rank 5
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.pca"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.slicing.pca"):
         values, vectors = eigenbasis(cov)
     assert "layer 3 output: only 5 calibration tokens for width 32" in caplog.text and "damped" in caplog.text
     assert torch.isfinite(vectors).all() and torch.isfinite(values).all()
     assert torch.allclose(vectors.T @ vectors, torch.eye(32, dtype=torch.float64), atol=1e-10)
     assert (values[5:] < 1e-8 * values[0]).all()  # the damping is removed from the reported spectrum
-    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.pca"):
+    with caplog.at_level(logging.WARNING, logger="hf_slicegpt.slicing.pca"):
         hf_slicegpt.slice_model(make_tiny("llama"), calibration(1, 8), 0.25, round_to=4, show_progress=False)
     assert "rank-deficient and damped" in caplog.text

@@ -13,9 +13,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import hf_slicegpt
-from hf_slicegpt.hub import checkpoint_kind
-from hf_slicegpt.io import OutputExistsError
-from hf_slicegpt.rft import (
+from hf_slicegpt.checkpoint.hub import checkpoint_kind
+from hf_slicegpt.checkpoint.io import OutputExistsError
+from hf_slicegpt.workflows.rft import (
     PEFT_TARGET_PATTERN,
     REPORT_NAME,
     RFTConfig,

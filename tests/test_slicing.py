@@ -325,25 +325,31 @@ def test_public_api_exports() -> None:
 
 
 @pytest.mark.parametrize("mid_basis", ["own", "shared", "auto"])
-def test_uneven_widths_are_exact_when_nothing_is_deleted(mid_basis: str, monkeypatch) -> None:
+def test_uneven_widths_are_exact_when_nothing_is_deleted(mid_basis: str) -> None:
     """Every width differs from its neighbours (shortcuts of every shape, shared and own mid bases), yet
     each keeps the whole signal: the sliced model must equal the dense one. This checks the bookkeeping of
     uneven plans (the variance schedule's) exactly, which a sparsity-0 check cannot."""
-    from hf_slicegpt import slicing
+    from hf_slicegpt.slicing import SlicingHooks
 
     dense = make_low_rank_llama(rank=12)
     inputs = calibration(2, 12, seed=7)
     reference = dense(inputs).logits
-    original = slicing._Slicer._const_plan
 
-    def uneven(self, n):
-        plan = original(self, n)
+    def uneven(plan):
+        n = len(plan.outputs)
         plan.embedding = 16
         plan.outputs = [24, 12, 20, 32][:n]
         plan.mids = [16, 28, 12, 20][:n]
         return plan
 
-    monkeypatch.setattr(slicing._Slicer, "_const_plan", uneven)
-    sliced = slice_model(dense, calibration(), 0.25, round_to=4, mid_basis=mid_basis, show_progress=False)
+    sliced = slice_model(
+        dense,
+        calibration(),
+        0.25,
+        round_to=4,
+        mid_basis=mid_basis,
+        show_progress=False,
+        hooks=SlicingHooks(plan=uneven),
+    )
     assert sliced.config.embedding_dim == 16
     assert (sliced(inputs).logits - reference).abs().max().item() < 1e-4

@@ -15,7 +15,7 @@ from tiny import calibration, make_tiny
 from tiny_tokenizer import char_tokenizer
 
 import hf_slicegpt
-from hf_slicegpt.zeroshot import (
+from hf_slicegpt.workflows.zeroshot import (
     PAPER_TASKS,
     ZeroShotError,
     evaluate_tasks,
@@ -248,8 +248,8 @@ def test_parse_tasks():
 
 
 def test_cli_eval_tasks_prints_a_table_and_saves_results_for_the_card(sliced, task_dir, tmp_path, capsys):
+    from hf_slicegpt.checkpoint.hub import build_model_card
     from hf_slicegpt.cli import main
-    from hf_slicegpt.hub import build_model_card
 
     directory = tmp_path / "ckpt"
     sliced.save_pretrained(directory)

@@ -13,9 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robustness import ood_sources  # noqa: E402
 
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens  # noqa: E402
-from hf_slicegpt.evaluation import perplexity  # noqa: E402
-from hf_slicegpt.loading import load_model_and_tokenizer  # noqa: E402
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens  # noqa: E402
+from hf_slicegpt.workflows.evaluation import perplexity  # noqa: E402
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer  # noqa: E402
 
 EVAL_TOKENS = 2048  # 4 x 512-token windows per source
 DENSE_CACHE = Path(tempfile.gettempdir()) / "hf_slicegpt_diag_dense.json"

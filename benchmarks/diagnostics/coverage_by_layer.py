@@ -13,8 +13,8 @@ from common import fresh_model, setup
 
 import hf_slicegpt
 from hf_slicegpt import slicing
-from hf_slicegpt.data import calibration_tokens
-from hf_slicegpt.pca import Covariance
+from hf_slicegpt.slicing.pca import Covariance
+from hf_slicegpt.workflows.data import calibration_tokens
 
 env = setup()
 calib = env.calibration
@@ -29,15 +29,17 @@ for spec in sys.argv[1:]:
             a, b = map(int, part.split("-"))
             layers |= set(range(a, b + 1))
 
-    def covariance(self, signals, masks, name, layers=layers, emb=emb):
+    def covariance(name, full, signals, masks, layers=layers, emb=emb):
+        """Re-sum the signal from the pydocs batches only, unless licence text counts at this depth."""
         found = re.match(r"layer (\d+)", name)
         use = emb if name == "embeddings" else (found is not None and int(found.group(1)) in layers)
-        cov = Covariance(self.hidden, device=self.device, name=name, precision=self.covariance_precision)
-        for i, (signal, mask) in enumerate(zip(signals, masks)):
-            if i < 2 or use:
-                cov.add(signal, mask)
+        if use:
+            return full
+        cov = Covariance(full.width, device=full.sum.device, name=name, precision=full.precision)
+        for signal, mask in list(zip(signals, masks))[:2]:
+            cov.add(signal, mask)
         return cov
 
-    slicing._Slicer._covariance = covariance
-    sliced = hf_slicegpt.slice_model(fresh_model(), batches, 0.25, show_progress=False)
+    hooks = slicing.SlicingHooks(covariance=covariance)
+    sliced = hf_slicegpt.slice_model(fresh_model(), batches, 0.25, show_progress=False, hooks=hooks)
     print(spec, env.relative(sliced), flush=True)

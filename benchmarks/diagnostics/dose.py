@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fresh_model, setup
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens
+from hf_slicegpt.workflows.data import calibration_tokens
 
 env = setup()
 tok, calib, srcs, workdir = env.tokenizer, env.calibration, env.sources, env.workdir

@@ -9,8 +9,8 @@ sys.path.insert(0, "/work/main/benchmarks")
 from robustness import ood_sources
 
 import hf_slicegpt
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 torch.set_num_threads(1)
 workdir = Path(tempfile.mkdtemp())

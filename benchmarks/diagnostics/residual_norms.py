@@ -1,7 +1,7 @@
 import torch
 
-from hf_slicegpt.data import calibration_tokens
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.workflows.data import calibration_tokens
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 torch.set_num_threads(1)
 

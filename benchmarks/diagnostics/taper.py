@@ -15,7 +15,6 @@ import hf_slicegpt
 from hf_slicegpt import slicing
 
 env = setup()
-orig = slicing._Slicer._const_plan
 
 
 def thirds(i, a, b, c):
@@ -27,13 +26,13 @@ for spec in sys.argv[1:]:
     emb, a, b, c, head = v[:5]
     ma, mb, mc = v[5:8] if len(v) > 5 else (a, b, c)
 
-    def plan(self, n, emb=emb, a=a, b=b, c=c, head=head, ma=ma, mb=mb, mc=mc):
-        p = orig(self, n)
+    def plan(p, emb=emb, a=a, b=b, c=c, head=head, ma=ma, mb=mb, mc=mc):
+        n = len(p.outputs)
         p.embedding = emb
         p.outputs = [thirds(i, a, b, c) for i in range(n - 1)] + [head]
         p.mids = [thirds(i, ma, mb, mc) for i in range(n)]
         return p
 
-    slicing._Slicer._const_plan = plan
-    sliced = hf_slicegpt.slice_model(fresh_model(), env.calibration, 0.25, show_progress=False)
+    hooks = slicing.SlicingHooks(plan=plan)
+    sliced = hf_slicegpt.slice_model(fresh_model(), env.calibration, 0.25, show_progress=False, hooks=hooks)
     print(spec, sum(p.numel() for p in sliced.parameters()), env.relative(sliced), flush=True)

@@ -1,4 +1,10 @@
-"""#8 diagnostics: variants of the covariance, in-domain vs OOD, per-token damage."""
+"""#8 diagnostics: variants of the covariance, in-domain vs OOD, per-token damage.
+
+Covariance variants go through the public ``SlicingHooks.covariance`` hook: ``tokennorm`` re-sums each sliced
+signal's covariance from per-token unit-RMS signals, ``allpriorA`` adds a vocabulary prior to every signal.
+(The old ``varnorm`` variant patched the dense pass; that pass already weighs tokens equally for the variance
+schedule's spectra, so it is gone.)
+"""
 
 import json
 import logging
@@ -9,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, "/work/main/benchmarks")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from robustness import ood_sources
 
 import hf_slicegpt
-from hf_slicegpt import pca
-from hf_slicegpt.data import calibration_tokens, evaluation_tokens
-from hf_slicegpt.evaluation import perplexity
-from hf_slicegpt.loading import load_model_and_tokenizer
+from hf_slicegpt.slicing import Covariance, SlicingHooks
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens
+from hf_slicegpt.workflows.evaluation import perplexity
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("hf_slicegpt.slicing").setLevel(logging.INFO)
@@ -25,13 +31,17 @@ variants = sys.argv[2].split(",") if len(sys.argv) > 2 else ["plain", "tokennorm
 NS = int(sys.argv[3]) if len(sys.argv) > 3 else 32
 SP = float(sys.argv[4]) if len(sys.argv) > 4 else 0.25
 EVT = 2048
-orig_add = pca.Covariance.add
 
 
-def norm_add(self, signal, mask=None):
-    s = signal.to(torch.float32)
-    s = s / s.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
-    return orig_add(self, s, mask)
+def token_normalised(name, cov, signals, masks):
+    """The covariance of the same signals with every token scaled to unit RMS."""
+    if not signals:
+        return cov
+    out = Covariance(cov.width, device=cov.sum.device, name=name, precision=cov.precision)
+    for signal, mask in zip(signals, masks):
+        x = signal.to(torch.float32)
+        out.add(x / x.pow(2).mean(-1, keepdim=True).add(1e-12).sqrt(), mask)
+    return out
 
 
 workdir = Path(tempfile.mkdtemp())
@@ -55,7 +65,7 @@ else:
 print("dense", {k: round(v, 2) for k, v in dense.items()}, flush=True)
 for v in variants:
     m, _ = load_model_and_tokenizer("smollm2", dtype="float32")
-    pca.Covariance.add = norm_add if "tokennorm" in v else orig_add
+    transforms = [token_normalised] if "tokennorm" in v else []
     kw = {}
     c = calib
     if "oraclelic" in v:
@@ -68,7 +78,7 @@ for v in variants:
             ]
         )
     if "aug" in v:
-        from hf_slicegpt.augment import self_generated_tokens
+        from hf_slicegpt.workflows.augment import self_generated_tokens
 
         if "aug128" in v:
             g = self_generated_tokens(m, tok, 128, 128, top_p=1.0, show_progress=False)
@@ -84,40 +94,28 @@ for v in variants:
         kw["vocab_prior"] = float(mm.group(1))
     mm2 = _re.search(r"allprior([0-9.]+)", v)
     if mm2:
-        alpha = float(mm2.group(1))
-        from hf_slicegpt import slicing as _sl
-
         E = m.get_input_embeddings().weight.detach().to(torch.float64)
         P = E.T @ E
         P = P / P.trace()
-        _orig_cov = _sl._Slicer._covariance
+        alpha = float(mm2.group(1))
 
-        def _cov(self, signals, masks, name, _o=_orig_cov, alpha=alpha, P=P):
-            c = _o(self, signals, masks, name)
-            sq = torch.cat([x.reshape(-1, x.shape[-1]).float().pow(2).sum(-1) for x in signals])
-            med = sq.median().item()
-            c.sum += alpha * c.tokens * med * P
+        def _prior(name, c, signals, masks, alpha=alpha, P=P):
+            if signals:
+                sq = torch.cat([x.reshape(-1, x.shape[-1]).float().pow(2).sum(-1) for x in signals])
+                c.sum += alpha * c.tokens * sq.median().item() * P.to(c.sum.device)
             return c
 
-        _sl._Slicer._covariance = _cov
-    if "varnorm" in v:
-        from hf_slicegpt import slicing as _sl
+        transforms.append(_prior)
 
-        _orig_ds = _sl._Slicer._dense_statistics
+    def _hook(name, c, signals, masks, transforms=transforms):
+        for transform in transforms:
+            c = transform(name, c, signals, masks)
+        return c
 
-        def _ds(self, keep_spectra, keep_sum, _o=_orig_ds):
-            pca.Covariance.add = norm_add
-            try:
-                return _o(self, keep_spectra, keep_sum)
-            finally:
-                pca.Covariance.add = orig_add
-
-        _sl._Slicer._dense_statistics = _ds
+    kw["hooks"] = SlicingHooks(covariance=_hook) if transforms else None
     if "variance" in v:
         kw["schedule"] = "variance"
-    from hf_slicegpt import slicing as _sl2
-
-    _sl2.SHARED_MID_TOLERANCE = float("inf") if "tolinf" in v else 2.0
+    kw["shared_mid_tolerance"] = float("inf") if "tolinf" in v else 2.0
     if "sharedmid" in v:
         kw["mid_basis"] = "shared"
     if "global" in v:
@@ -133,4 +131,3 @@ for v in variants:
         flush=True,
     )
     print(v, f"{time.time() - t:.0f}s", {k: f"{r[k] / dense[k]:.2f}x({r[k]:.1f})" for k in r}, flush=True)
-    pca.Covariance.add = orig_add

@@ -53,6 +53,22 @@ def registered_adapters() -> list[FamilyAdapter]:
     return list({id(adapter): adapter for adapter in _REGISTRY.values()}.values())
 
 
+def lora_target_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The attention and MLP linear names of every registered family, as a sliced model names them.
+
+    A sliced block keeps the family's attention and MLP modules, so these are the adapters' reader and writer
+    names (a family whose MLP linears sit loose in the block gets them wrapped as ``fc1``/``fc2``). RFT and
+    PEFT's default targets are derived from them: a newly registered family brings its own.
+    """
+    attention: dict[str, None] = {}
+    mlp: dict[str, None] = {}
+    for adapter in registered_adapters():
+        attention.update(dict.fromkeys((*adapter.attn_inputs, adapter.attn_output)))
+        names = ("fc1", "fc2") if adapter.mlp is None else (*adapter.mlp_inputs, adapter.mlp_output)
+        mlp.update(dict.fromkeys(names))
+    return tuple(attention), tuple(mlp)
+
+
 def refused_model_types() -> dict[str, str]:
     """Known model_types that cannot be sliced exactly, and why."""
     return dict(_REFUSED)
@@ -90,6 +106,7 @@ def get_adapter(config: PreTrainedConfig) -> FamilyAdapter:
 
 
 __all__ = [
+    "lora_target_names",
     "SUPPORTED_LAYER_TYPES",
     "FamilyAdapter",
     "UnsupportedModelError",

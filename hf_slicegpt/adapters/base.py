@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from transformers import PreTrainedConfig
 
+from ..errors import SliceGPTError
+
 # A check returns ``None`` when the config is supported, or the reason it is not.
 ConfigCheck = Callable[[PreTrainedConfig], "str | None"]
 
@@ -20,7 +22,7 @@ ConfigCheck = Callable[[PreTrainedConfig], "str | None"]
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(SliceGPTError):
     """The model's family, or one of its settings, cannot be sliced exactly."""
 
 

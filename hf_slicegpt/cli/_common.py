@@ -128,52 +128,6 @@ def error_line(exc: BaseException, *, verbose: bool = False) -> str:
     return f"{PROG}: error: {message}"
 
 
-def default_device() -> str:
-    """``cuda`` when a GPU is visible, else ``cpu``."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_device(requested: str | None) -> str:
-    """``requested`` checked against what this machine has, or :func:`default_device`."""
-    if requested is None:
-        return default_device()
-    import torch
-
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {requested!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but no CUDA GPU is visible; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {requested!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r} asked for, but MPS is not available; pass --device cpu")
-    return str(device)
-
-
-def context_length(config: Any) -> int | None:
-    """The longest sequence a model's config says it can attend over, if it says."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 1:
-            return value
-    return None
-
-
-def capped_seq_len(requested: int, config: Any, what: str) -> int:
-    """``requested`` capped by the model's context, with a log line when it is cut."""
-    limit = context_length(config)
-    if limit is not None and requested > limit:
-        logging.getLogger("hf_slicegpt.cli").info(
-            "%s seq-len %d exceeds the model's context %d; using %d", what, requested, limit, limit
-        )
-        return limit
-    return requested
-
-
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
     try:

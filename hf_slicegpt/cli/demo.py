@@ -12,8 +12,10 @@ import re
 import time
 from typing import Any
 
+from ..slicing import SlicingConfig
+from ..workflows.pipeline import SliceJob, run_slice
 from ._common import add_parser, positive_int
-from .slice import SliceJob, format_summary, run_slice
+from .slice import format_summary
 
 logger = logging.getLogger("hf_slicegpt.cli")
 
@@ -70,8 +72,8 @@ def run_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     job = SliceJob(
         model=args.model,
-        sparsity=args.sparsity,
         output=args.output,
+        config=SlicingConfig(sparsity=args.sparsity),
         calibration=args.calibration,
         num_samples=args.num_samples,
         seq_len=args.seq_len,

@@ -16,14 +16,14 @@ import logging
 import time
 from typing import Any
 
+from ..modeling.configuration_sliced import SlicedConfig
+from ..workflows.loading import capped_seq_len, resolve_device
 from ._common import (
     add_model_options,
     add_parser,
     add_text_source_options,
-    capped_seq_len,
     human_count,
     positive_int,
-    resolve_device,
 )
 
 logger = logging.getLogger("hf_slicegpt.cli")
@@ -50,15 +50,15 @@ def evaluate_model(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``source`` on the evaluation text of ``data``, as a JSON-ready dict."""
-    from ..data import evaluation_tokens
-    from ..evaluation import perplexity
-    from ..loading import load_model_and_tokenizer
-    from ..report import count_parameters
+    from ..checkpoint.report import count_parameters
+    from ..workflows.data import evaluation_tokens
+    from ..workflows.evaluation import perplexity
+    from ..workflows.loading import load_model_and_tokenizer
 
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=resolve_device(device))
     if tokenizer is None:
-        from ..validation import missing_tokenizer_error
+        from ..checkpoint.validation import missing_tokenizer_error
 
         raise missing_tokenizer_error(source, f"evaluation (to read {data!r})")
     length = capped_seq_len(seq_len, model.config, "evaluation")
@@ -81,7 +81,7 @@ def evaluate_model(
         "seq_len": result.seq_len,
         "windows": int(ids.shape[0]),
         "sparsity": model_sparsity(model.config),
-        "sliced": getattr(model.config, "model_type", None) == "slicegpt",
+        "sliced": getattr(model.config, "model_type", None) == SlicedConfig.model_type,
         "parameters": count_parameters(model),
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -150,7 +150,7 @@ def add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
 
 def zero_shot_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Run ``--tasks`` on every model; each result goes into its row (``"zero_shot"``) and is printed."""
-    from ..zeroshot import evaluate_checkpoint, format_table
+    from ..workflows.zeroshot import evaluate_checkpoint, format_table
 
     by_model = {row["model"]: row for row in rows}
     for source in args.models:
@@ -182,7 +182,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.plot and not args.data:
         raise ValueError("--plot draws perplexity: it needs --data SOURCE")
     if args.plot:
-        from ..report import pyplot
+        from ..checkpoint.report import pyplot
 
         pyplot()  # fail before minutes of evaluation if matplotlib is missing
     rows = []
@@ -211,7 +211,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.tasks:
         rows = zero_shot_rows(args, rows)
     if args.plot:
-        from ..report import PerplexityPoint, plot_perplexity_vs_sparsity
+        from ..checkpoint.report import PerplexityPoint, plot_perplexity_vs_sparsity
 
         points = [PerplexityPoint(r["model"], r["sparsity"], r["perplexity"]) for r in rows]
         path = plot_perplexity_vs_sparsity(points, args.plot, data=args.data)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._common import add_model_options, add_parser, positive_int, resolve_device
+from ..workflows.loading import resolve_device
+from ._common import add_model_options, add_parser, positive_int
 
 
 def generate_text(
@@ -70,13 +71,13 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..loading import load_model_and_tokenizer
+    from ..workflows.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(
         args.model, dtype=args.dtype, device=resolve_device(args.device)
     )
     if tokenizer is None:
-        from ..validation import missing_tokenizer_error
+        from ..checkpoint.validation import missing_tokenizer_error
 
         raise missing_tokenizer_error(args.model, "generation (to read the prompt)")
     text = generate_text(

@@ -72,8 +72,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..report import checkpoint_summary
-    from ..validation import validate_checkpoint
+    from ..checkpoint.report import checkpoint_summary
+    from ..checkpoint.validation import validate_checkpoint
 
     # Metadata only: a damaged or inconsistent checkpoint is one clear error, foreign remote code a warning.
     validate_checkpoint(args.directory)

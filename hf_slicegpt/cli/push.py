@@ -73,7 +73,7 @@ def format_plan(plan: Any, *, dry_run: bool) -> str:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..hub import push
+    from ..checkpoint.hub import push
 
     plan = push(
         args.directory,

@@ -15,7 +15,8 @@ import json
 import logging
 from typing import Any
 
-from ._common import add_model_options, add_parser, add_text_source_options, capped_seq_len, positive_int
+from ..workflows.loading import capped_seq_len
+from ._common import add_model_options, add_parser, add_text_source_options, positive_int
 
 logger = logging.getLogger("hf_slicegpt.cli")
 
@@ -179,14 +180,14 @@ def register(subparsers: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from ..io import check_output_dir
-    from ..loading import load_model_and_tokenizer
-    from ..rft import RFTConfig, rft
+    from ..checkpoint.io import check_output_dir
+    from ..workflows.loading import load_model_and_tokenizer
+    from ..workflows.rft import RFTConfig, rft
 
     check_output_dir(args.output, args.overwrite)  # before minutes of loading
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
     if tokenizer is None:
-        from ..validation import missing_tokenizer_error
+        from ..checkpoint.validation import missing_tokenizer_error
 
         raise missing_tokenizer_error(args.model, f"RFT (to read {args.data!r})")
     seq_len = capped_seq_len(args.seq_len, model.config, "training")

@@ -16,7 +16,6 @@ bit-identical to an uninterrupted run's.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +29,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint.io import fsync_dir
+from ..errors import SliceGPTError
 from . import distributed
 from .offload import write_safetensors
 
@@ -39,7 +40,7 @@ STATE_NAME = "state.json"
 STATE_FORMAT = 1
 
 
-class ResumeError(ValueError):
+class ResumeError(SliceGPTError):
     """The partial state cannot be used for this run."""
 
 
@@ -63,15 +64,6 @@ def fingerprint(parts: Iterable[Any]) -> str:
             digest.update(json.dumps(part, sort_keys=True, default=str).encode())
         digest.update(b"\x00")
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -183,7 +175,7 @@ class PartialState:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(tmp, self.directory / STATE_NAME)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
             if previous is not None and previous.get("layers_done") != layers_done:
                 for name in [previous.get("state_file"), *(previous.get("signal_files") or [])]:
                     if name:

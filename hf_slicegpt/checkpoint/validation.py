@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
-from .modeling import configuration_sliced, modeling_sliced
-from .modeling.configuration_sliced import SlicedConfig
-from .modeling.modeling_sliced import (
+from ..errors import SliceGPTError
+from ..modeling import configuration_sliced, modeling_sliced
+from ..modeling.configuration_sliced import SlicedConfig
+from ..modeling.modeling_sliced import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     SlicedCheckpointError,
@@ -49,7 +50,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-class CheckpointValidationError(ValueError):
+class CheckpointValidationError(SliceGPTError):
     """A checkpoint directory that cannot be loaded safely and correctly."""
 
 
@@ -69,7 +70,7 @@ class MissingTokenizerError(CheckpointValidationError):
     """The model has no tokenizer, and the task needs one."""
 
 
-class NonFiniteWeightsError(ValueError):
+class NonFiniteWeightsError(SliceGPTError):
     """A tensor of a model about to be saved holds NaN or Inf."""
 
 

@@ -14,11 +14,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .validation import validate_checkpoint
+from ..checkpoint.validation import validate_checkpoint
+from ..errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(SliceGPTError):
     """The model source cannot be found or read."""
 
 
@@ -169,7 +171,55 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(requested: str | None) -> str:
+    """``requested`` checked against what this machine has, or :func:`default_device`."""
+    if requested is None:
+        return default_device()
+    import torch
+
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {requested!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested!r} asked for, but no CUDA GPU is visible; pass --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {requested!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {requested!r} asked for, but MPS is not available; pass --device cpu")
+    return str(device)
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's config says it can attend over, if it says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return None
+
+
+def capped_seq_len(requested: int, config: Any, what: str) -> int:
+    """``requested`` capped by the model's context, with a log line when it is cut."""
+    limit = context_length(config)
+    if limit is not None and requested > limit:
+        logger.info("%s seq-len %d exceeds the model's context %d; using %d", what, requested, limit, limit)
+        return limit
+    return requested
+
+
 __all__ = [
+    "capped_seq_len",
+    "context_length",
+    "default_device",
+    "resolve_device",
     "DTYPES",
     "ModelSourceError",
     "SMOLLM2_ALIAS",

@@ -23,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..errors import SliceGPTError
+
 logger = logging.getLogger(__name__)
 
 PAPER_TASKS: tuple[str, ...] = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
@@ -37,7 +39,7 @@ RESULTS_NAME = "zeroshot_results.json"
 _FALLBACK_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mcc")
 
 
-class ZeroShotError(ValueError):
+class ZeroShotError(SliceGPTError):
     """Zero-shot evaluation cannot run with these arguments."""
 
 

@@ -21,10 +21,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..errors import SliceGPTError
+
 logger = logging.getLogger(__name__)
 
 
-class OutputExistsError(ValueError):
+class OutputExistsError(SliceGPTError):
     """The output directory exists and is not empty, and overwriting was not asked for."""
 
 
@@ -54,7 +56,7 @@ def _fsync_tree(root: Path) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (a power loss after it cannot undo it)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -109,7 +111,7 @@ def publish_directory(source: str | os.PathLike, target: str | os.PathLike) -> P
     source, target = Path(source).absolute(), Path(target).absolute()
     _fsync_tree(source)
     if target.exists() and _exchange(source, target):
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(source, ignore_errors=True)  # it now holds the old checkpoint
     elif target.exists():
         old = target.parent / f".{target.name}.{os.getpid()}.old"
@@ -120,11 +122,11 @@ def publish_directory(source: str | os.PathLike, target: str | os.PathLike) -> P
         except BaseException:
             os.replace(old, target)
             raise
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(source, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     return target
 
 

@@ -16,7 +16,6 @@ implicitly, a Hub model card read from the local Hugging Face cache.
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
@@ -29,13 +28,15 @@ from typing import Any, Literal
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from ..errors import SliceGPTError
+from ..modeling.configuration_sliced import SlicedConfig
+from .report import REPORT_NAME, RFT_REPORT_NAME, read_json_file, safetensors_parameters
+
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 GENERATED_MARKER = "hf-slicegpt:generated"
 ZEROSHOT_NAME = "zeroshot_results.json"
-SLICING_REPORT_NAME = "slicing_report.json"
-RFT_REPORT_NAME = "rft_report.json"
 TEMPLATES = {"sliced": "sliced_model.md", "adapter": "adapter.md"}
 REPO_PLACEHOLDER = "path/to/this/model"
 # Local aliases whose Hub origin and license are known.
@@ -52,28 +53,17 @@ _PPL_NAMES = {
 CheckpointKind = Literal["sliced", "adapter"]
 
 
-class InvalidCheckpointError(ValueError):
+class InvalidCheckpointError(SliceGPTError):
     """A directory is not a complete sliced checkpoint or PEFT adapter."""
 
 
-class PushError(ValueError):
+class PushError(SliceGPTError):
     """A push cannot go ahead with these arguments."""
 
 
 # --------------------------------------------------------------------------------------------
 # Reading a checkpoint directory
 # --------------------------------------------------------------------------------------------
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("Ignoring unreadable %s: %s", path, exc)
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def _missing(directory: Path, name: str, why: str) -> InvalidCheckpointError:
@@ -96,15 +86,15 @@ def checkpoint_kind(directory: str | os.PathLike) -> CheckpointKind:
         return "adapter"
     if not (path / "config.json").is_file():
         raise _missing(path, "config.json", "sliced checkpoint (or adapter_config.json for an adapter)")
-    config = _read_json(path / "config.json") or {}
-    if config.get("model_type") != "slicegpt":
+    config = read_json_file(path / "config.json") or {}
+    if config.get("model_type") != SlicedConfig.model_type:
         raise InvalidCheckpointError(
             f"{str(path)!r} holds a {config.get('model_type')!r} model, not a sliced one (model_type 'slicegpt'); "
             "slice it first with `hf-slicegpt slice`"
         )
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(((_read_json(index) or {}).get("weight_map") or {}).values()))
+        shards = sorted(set(((read_json_file(index) or {}).get("weight_map") or {}).values()))
         for shard in shards:
             if not (path / shard).is_file():
                 raise _missing(path, shard, "sliced checkpoint")
@@ -130,20 +120,6 @@ def upload_files(directory: str | os.PathLike) -> list[str]:
             if not name.startswith(".") and full.is_file() and not full.is_symlink():
                 files.append(full.relative_to(root).as_posix())
     return files
-
-
-def _safetensors_parameters(directory: Path) -> int | None:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        return None
-    from safetensors import safe_open
-
-    total = 0
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total
 
 
 def _dense_parameters(family_config: Any) -> int | None:
@@ -243,7 +219,7 @@ def hub_dataset(source: Any) -> str | None:
     """The Hub dataset id behind a data source name (presets and hub ids); ``None`` for local text."""
     if not isinstance(source, str) or not source or source == "pydocs":
         return None
-    from .data import PRESETS
+    from ..workflows.data import PRESETS
 
     if source in PRESETS:
         return PRESETS[source].path
@@ -290,16 +266,16 @@ class _Facts:
 
 def _gather(directory: Path, kind: CheckpointKind, zero_shot: Mapping[str, Any] | None) -> _Facts:
     facts = _Facts(kind=kind, directory=directory)
-    facts.rft_report = _read_json(directory / RFT_REPORT_NAME) or {}
-    facts.zero_shot = dict(zero_shot) if zero_shot is not None else _read_json(directory / ZEROSHOT_NAME)
+    facts.rft_report = read_json_file(directory / RFT_REPORT_NAME) or {}
+    facts.zero_shot = dict(zero_shot) if zero_shot is not None else read_json_file(directory / ZEROSHOT_NAME)
     config_dir = directory
     if kind == "adapter":
-        facts.adapter_config = _read_json(directory / "adapter_config.json") or {}
+        facts.adapter_config = read_json_file(directory / "adapter_config.json") or {}
         base = facts.adapter_config.get("base_model_name_or_path")
         config_dir = Path(base) if isinstance(base, str) and Path(base).is_dir() else None
     if config_dir is not None:
-        facts.config = _read_json(config_dir / "config.json") or {}
-        facts.slicing_report = _read_json(config_dir / SLICING_REPORT_NAME) or {}
+        facts.config = read_json_file(config_dir / "config.json") or {}
+        facts.slicing_report = read_json_file(config_dir / REPORT_NAME) or {}
     return facts
 
 
@@ -366,7 +342,7 @@ def _parameter_rows(facts: _Facts) -> list[tuple[str, str]]:
             dense = _dense_parameters(AutoConfig.for_model(model_type, **family)) if model_type else None
         except (ValueError, KeyError, TypeError) as exc:
             logger.debug("Cannot rebuild the family config: %s", exc)
-    sliced = _safetensors_parameters(facts.directory) if facts.kind == "sliced" else params.get("sliced")
+    sliced = safetensors_parameters(facts.directory) if facts.kind == "sliced" else params.get("sliced")
     rows = [("dense", _fmt(dense))]
     fraction = f" ({sliced / dense:.1%} of dense)" if sliced and dense else ""
     rows.append(("sliced" + (" + merged LoRA" if facts.rft_report else ""), _fmt(sliced) + fraction))
@@ -668,7 +644,7 @@ def push(
 
     warnings = []
     if kind == "adapter":
-        base = (_read_json(directory / "adapter_config.json") or {}).get("base_model_name_or_path")
+        base = (read_json_file(directory / "adapter_config.json") or {}).get("base_model_name_or_path")
         if not _is_repo_id(base):
             warnings.append(
                 f"adapter_config.json names the base model {base!r}, which is not a Hub id: others cannot load "

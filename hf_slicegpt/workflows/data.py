@@ -31,6 +31,8 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetsError
 from tqdm.auto import tqdm
 
+from ..errors import SliceGPTError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -71,7 +73,7 @@ _CHUNK_CHARS = 1 << 16
 _CHUNKS_PER_CALL = 16
 
 
-class DataSourceError(ValueError):
+class DataSourceError(SliceGPTError):
     """A text source cannot be found, loaded or does not hold enough text."""
 
 

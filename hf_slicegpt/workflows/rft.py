@@ -30,36 +30,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..adapters import lora_target_names
+from ..checkpoint.report import REPORT_NAME as SLICING_REPORT_NAME
+from ..checkpoint.report import RFT_REPORT_NAME as REPORT_NAME
+from ..checkpoint.report import read_json_file
+from ..errors import SliceGPTError
+from ..modeling.configuration_sliced import SlicedConfig
+
 logger = logging.getLogger(__name__)
 
-MODEL_TYPE = "slicegpt"
-REPORT_NAME = "rft_report.json"
+MODEL_TYPE = SlicedConfig.model_type
 REPORT_FORMAT = 1
-SLICING_REPORT_NAME = "slicing_report.json"
 _ABSENT = object()
 
 # Linear layers inside a sliced block, under the names each family gives them (the sliced model keeps the
-# family's attention and MLP modules). Listed generously: a name a family does not use matches nothing.
-ATTENTION_LINEARS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "out_proj",
-    "dense",
-    "qkv_proj",
-    "query_key_value",
-)
-MLP_LINEARS: tuple[str, ...] = (
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-    "gate_up_proj",
-    "fc1",
-    "fc2",
-    "dense_h_to_4h",
-    "dense_4h_to_h",
-)
+# family's attention and MLP modules): derived from the registered adapters, so a new family brings its own.
+ATTENTION_LINEARS, MLP_LINEARS = lora_target_names()
 # The residual shortcut matrices slicing adds. Trainable too, but only on request (the paper did not).
 SHORTCUT_LINEARS: tuple[str, ...] = ("attn_shortcut", "mlp_shortcut")
 
@@ -128,7 +114,7 @@ def default_target_modules(model: nn.Module, *, shortcuts: bool = False) -> list
     return targets
 
 
-class RFTError(ValueError):
+class RFTError(SliceGPTError):
     """Recovery fine-tuning cannot run with these settings or inputs."""
 
 
@@ -317,14 +303,7 @@ def _versions() -> dict[str, str | None]:
 
 def read_report(directory: str | os.PathLike) -> dict[str, Any] | None:
     """The ``rft_report.json`` of an RFT output directory, or ``None``."""
-    path = Path(directory) / REPORT_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        logger.warning("Ignoring unreadable %s: %s", path, exc)
-        return None
+    return read_json_file(Path(directory) / REPORT_NAME)
 
 
 def rft(
@@ -376,8 +355,8 @@ def rft(
         :class:`RFTResult` with the merged model (or the ``PeftModel``) and the report, also written to
         ``output_dir/rft_report.json``.
     """
+    from ..checkpoint.io import check_output_dir, write_checkpoint
     from .data import calibration_tokens, evaluation_tokens, load_text
-    from .io import check_output_dir, write_checkpoint
 
     config = config or RFTConfig()
     source = None
@@ -666,7 +645,7 @@ def _train(
                 # The merged model is the same sliced architecture: keep how it was sliced beside it.
                 shutil.copy2(base_dir / SLICING_REPORT_NAME, directory / SLICING_REPORT_NAME)
             (directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            from .hub import write_model_card
+            from ..checkpoint.hub import write_model_card
 
             write_model_card(directory, name=Path(output_dir).name)
 

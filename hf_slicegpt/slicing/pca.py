@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import torch
 
+from ..errors import SliceGPTError
+
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteSignalError(ValueError):
+class NonFiniteSignalError(SliceGPTError):
     """A calibration signal holds NaN or Inf, so no basis can be computed from it."""
 
 
@@ -105,7 +107,7 @@ class Covariance:
         Rank 0's sum is then broadcast, so that every rank decomposes bit-identical matrices and derives the
         same basis (a reduction need not round identically everywhere).
         """
-        from . import distributed
+        from ..runtime import distributed
 
         if self.reduced or distributed.world_size() == 1:
             self.reduced = True

@@ -21,10 +21,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..errors import SliceGPTError
+
 logger = logging.getLogger(__name__)
 
 
-class AugmentError(ValueError):
+class AugmentError(SliceGPTError):
     """A malformed ``--calibration-augment`` specification."""
 
 

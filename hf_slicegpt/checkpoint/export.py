@@ -19,14 +19,15 @@ from accelerate import init_empty_weights
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .adapters import get_adapter
+from ..adapters import get_adapter
+from ..errors import SliceGPTError
+from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from .io import write_checkpoint
-from .modeling.modeling_sliced import SlicedModelForCausalLM
 
 logger = logging.getLogger(__name__)
 
 
-class NativeExportError(ValueError):
+class NativeExportError(SliceGPTError):
     """This sliced model cannot be written as its family's own architecture."""
 
 

@@ -24,6 +24,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "slicing_report.json"
+# Written by recovery fine-tuning beside its adapter or merged model (hf_slicegpt.workflows.rft).
+RFT_REPORT_NAME = "rft_report.json"
 REPORT_FORMAT = 1
 PLOTS_DIR = "plots"
 _PACKAGES = (
@@ -195,16 +197,21 @@ def write_report(report: Mapping[str, Any], directory: str | os.PathLike) -> Pat
     return path
 
 
-def read_report(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``slicing_report.json`` of a checkpoint directory, or ``None`` if it has none."""
-    path = Path(directory) / REPORT_NAME
+def read_json_file(path: Path) -> dict[str, Any] | None:
+    """A JSON report file, or ``None`` if it is absent (or unreadable: a warning says so)."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         logger.warning("Ignoring unreadable %s: %s", path, exc)
         return None
+    return value if isinstance(value, dict) else None
+
+
+def read_report(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``slicing_report.json`` of a checkpoint directory, or ``None`` if it has none."""
+    return read_json_file(Path(directory) / REPORT_NAME)
 
 
 def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
@@ -214,7 +221,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     """
     from transformers import AutoConfig
 
-    from . import SlicedConfig  # noqa: F401 - registers the sliced config type
+    from .. import SlicedConfig  # registers the sliced config type
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -222,7 +229,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     if not (directory / "config.json").is_file():
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory: it has no config.json")
     config = AutoConfig.from_pretrained(directory)
-    if getattr(config, "model_type", None) != "slicegpt":
+    if getattr(config, "model_type", None) != SlicedConfig.model_type:
         raise ValueError(
             f"{str(directory)!r} holds a dense {config.model_type!r} model, not a sliced one; "
             "slice it first with `hf-slicegpt slice`"

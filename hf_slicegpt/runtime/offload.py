@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import SliceGPTError
+
 OFFLOAD_MODES = ("cpu", "disk")
 
 # safetensors dtype names (https://github.com/huggingface/safetensors, format.md).
@@ -38,7 +40,7 @@ _ST_DTYPES = {
 }
 
 
-class OffloadError(ValueError):
+class OffloadError(SliceGPTError):
     """A bad ``offload`` choice."""
 
 

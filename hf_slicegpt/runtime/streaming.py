@@ -32,20 +32,21 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..adapters import get_adapter
+from ..checkpoint.io import check_output_dir, publish_directory, recover
+from ..errors import SliceGPTError
+from ..modeling.modeling_sliced import SlicedModelForCausalLM
+from ..slicing import SlicedBlock, SlicingConfig, slice_model, validate_sparsity
 from . import distributed
-from .adapters import get_adapter
-from .io import check_output_dir, publish_directory, recover
-from .modeling.modeling_sliced import SlicedModelForCausalLM
 from .offload import check_offload
 from .resume import load_tensors, shard_name
-from .slicing import _SLICER_FACTORY, _Slicer, slice_model, validate_sparsity
 
 logger = logging.getLogger(__name__)
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
-class StreamingError(ValueError):
+class StreamingError(SliceGPTError):
     """The source cannot be sliced on the low-memory path (names the reason and the alternative)."""
 
 
@@ -119,7 +120,7 @@ class ShardReader:
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A local directory with ``config.json`` and safetensors for ``source`` (directory, GGUF/alias, hub id)."""
-    from .loading import _gguf_cache_dir, load_model_and_tokenizer, resolve_source
+    from ..workflows.loading import _gguf_cache_dir, load_model_and_tokenizer, resolve_source
 
     resolved = resolve_source(source)
     path = Path(resolved)
@@ -205,40 +206,44 @@ def build_skeleton(directory: Path, dtype: torch.dtype | None) -> tuple[Any, Sha
     return model, reader
 
 
-# -- the streaming slicer ----------------------------------------------------------------------------------------
-class _StreamingSlicer(_Slicer):
-    """A :class:`_Slicer` whose blocks come from disk and go to disk, one at a time."""
+# -- the streamed layer source ----------------------------------------------------------------------------------
+class StreamedLayers:
+    """A :class:`~hf_slicegpt.slicing.LayerSource` whose blocks come from disk and go to disk, one at a time.
 
-    _restore_meta = True
+    Each dense block is materialised from the shards when the loop fetches it and dropped back to the meta
+    device after use; each finished block is written into the partial state (the shards of the output) and
+    kept as shapes only.
+    """
 
-    def __init__(self, *args: Any, reader: ShardReader, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    restore_meta = True
+
+    def __init__(self, layers: nn.ModuleList, prefix: str, reader: ShardReader, dtype: torch.dtype):
+        self.layers = layers
+        self.prefix = prefix
         self.reader = reader
+        self.dtype = dtype
+        self.partial: Any = None  # the run's partial state, whose carried state is cleared once published
 
-    def _fetch_layer(self, idx: int) -> nn.Module:
-        layers = self.model.get_submodule(self.adapter.layers)
-        prefix = f"{self.adapter.layers}.{idx}."
-        tensors = self.reader.load(self.reader.names(prefix), self.device, self.dtype)
-        _materialize(layers[idx], {k[len(prefix) :]: v for k, v in tensors.items()})
-        return layers[idx]
+    def fetch(self, idx: int, device: torch.device) -> nn.Module:
+        prefix = f"{self.prefix}.{idx}."
+        tensors = self.reader.load(self.reader.names(prefix), device, self.dtype)
+        _materialize(self.layers[idx], {k[len(prefix) :]: v for k, v in tensors.items()})
+        return self.layers[idx]
 
-    def _release_dense_layer(self, idx: int) -> None:
-        self.model.get_submodule(self.adapter.layers)[idx].to("meta")
+    def release(self, idx: int) -> None:
+        self.layers[idx].to("meta")
 
-    def _finish_layer(
-        self, idx, attn, mlp, attn_sc, mlp_sc, attn_modules, mlp_modules, restored=False
-    ) -> None:
+    def finish(self, run: Any, idx: int, block: SlicedBlock, restored: bool) -> None:
+        self.partial = run.partial
         if not restored:
-            self.partial.write_layer(idx, self._layer_tensors(idx, attn, mlp, attn_sc, mlp_sc))
-        for module in (attn, mlp, attn_sc, mlp_sc):
+            run.partial.write_layer(idx, block.tensors(idx))
+        for module in (block.attn, block.mlp, block.attn_shortcut, block.mlp_shortcut):
             if module is not None:
                 module.to("meta")  # written out: keep only the shapes
-        attn_modules.append(attn)
-        mlp_modules.append(mlp)
-        self.model.get_submodule(self.adapter.layers)[idx] = nn.Identity()
+        self.layers[idx] = nn.Identity()
         _return_freed_memory()
 
-    def _may_stay_meta(self, name: str) -> bool:
+    def may_stay_meta(self, name: str) -> bool:
         return name.startswith("model.layers.")
 
 
@@ -272,7 +277,7 @@ def _publish(sliced: SlicedModelForCausalLM, staging: Path, num_layers: int) -> 
 def slice_checkpoint(
     source: str | os.PathLike,
     calibration: Any,
-    sparsity: float,
+    config: SlicingConfig | float,
     output: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -292,7 +297,8 @@ def slice_checkpoint(
     Args:
         source: a checkpoint directory, a ``.gguf`` file or ``"smollm2"`` (dequantised once into the cache), or
             a hub id (downloaded once).
-        calibration, sparsity, batch_size, device, **slice_kwargs: as for :func:`hf_slicegpt.slice_model`.
+        calibration, config, batch_size, device, **slice_kwargs: as for :func:`hf_slicegpt.slice_model`
+            (``config`` is a :class:`~hf_slicegpt.SlicingConfig` or just the sparsity).
         output: the sliced checkpoint's directory; it appears in one rename when complete.
         dtype: the dtype to compute and save in (default: the checkpoint's).
         offload: ``"cpu"`` (activations in host RAM) or ``"disk"`` (a memory-mapped file in ``offload_dir``).
@@ -305,9 +311,10 @@ def slice_checkpoint(
         the sliced model with its blocks on the meta device (their weights are in ``output``) and the rest
         loaded: enough for its config, parameter count and ``slicing_stats``. Load ``output`` to use it.
     """
-    from .loading import parse_dtype
+    from ..workflows.loading import parse_dtype
 
-    sparsity = validate_sparsity(sparsity)
+    if not isinstance(config, SlicingConfig):
+        config = validate_sparsity(config)  # fail before anything is read
     offload = check_offload(offload) or "cpu"
     output = Path(output).absolute()
     if output.parent.is_dir():
@@ -322,33 +329,29 @@ def slice_checkpoint(
     distributed.barrier()
     staging.mkdir(parents=True, exist_ok=True)
     logger.info("Slicing layer by layer from %s into %s (activations: %s)", directory, output, offload)
-    holder: dict[str, _StreamingSlicer] = {}
-
-    def factory(*args: Any, **kwargs: Any) -> _StreamingSlicer:
-        holder["slicer"] = _StreamingSlicer(*args, reader=reader, offload_dir=offload_dir, **kwargs)
-        return holder["slicer"]
-
-    token = _SLICER_FACTORY.set(factory)
-    try:
-        sliced = slice_model(
-            model,
-            calibration,
-            sparsity,
-            batch_size=batch_size,
-            device=compute,
-            show_progress=show_progress,
-            offload=offload,
-            checkpoint_dir=staging,
-            checkpoint_every=checkpoint_every,
-            resume=resume,
-            **slice_kwargs,
-        )
-    finally:
-        _SLICER_FACTORY.reset(token)
+    adapter = get_adapter(model.config)
+    source = StreamedLayers(
+        model.get_submodule(adapter.layers), adapter.layers, reader, model.get_input_embeddings().weight.dtype
+    )
+    sliced = slice_model(
+        model,
+        calibration,
+        config,
+        batch_size=batch_size,
+        device=compute,
+        show_progress=show_progress,
+        offload=offload,
+        offload_dir=offload_dir,
+        checkpoint_dir=staging,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        source=source,
+        **slice_kwargs,
+    )
     num_layers = model.config.num_hidden_layers
     if distributed.is_main_process():
         _publish(sliced, staging, num_layers)
-        holder["slicer"].partial.clear_state()
+        source.partial.clear_state()
         if extra_files is not None:
             extra_files(staging, sliced)
         publish_directory(staging, output)
@@ -359,6 +362,7 @@ def slice_checkpoint(
 
 __all__ = [
     "ShardReader",
+    "StreamedLayers",
     "StreamingError",
     "build_skeleton",
     "resolve_checkpoint",

