@@ -221,7 +221,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     if not (directory / "config.json").is_file():
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory: it has no config.json")
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     if getattr(config, "model_type", None) != "slicegpt":
         raise ValueError(
             f"{str(directory)!r} holds a dense {config.model_type!r} model, not a sliced one; "
@@ -230,10 +230,15 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     report = read_report(directory) or {}
     stored = safetensors_parameters(directory)
     dense = (report.get("parameters") or {}).get("dense")
+    from .validation import achieved_sparsity
+
+    slicing = dict(config.slicing or {})
+    if slicing.get("achieved_sparsity") is None:  # checkpoints written before it was recorded
+        slicing["achieved_sparsity"] = achieved_sparsity(config)
     return {
         "path": str(directory),
         "family": config.family_config.model_type,
-        "slicing": dict(config.slicing or {}),
+        "slicing": slicing,
         "topology": config.topology,
         "hidden_size": config.norm_divisor,
         "num_layers": len(config.attn_input_dims),

@@ -395,7 +395,7 @@ def rft(
 
     # Everything cheap is checked before the first training step.
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, inputs=[source, base_model_path, train_data, eval_data])
     base_ref = _base_model_ref(model, base_model_path)
     if not config.merge and output_dir is not None and base_ref is None:
         raise RFTError(

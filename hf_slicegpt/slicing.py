@@ -33,7 +33,7 @@ from .modeling.modeling_sliced import (
 from .offload import ActivationStore, check_offload, collect, make_store
 from .pca import Covariance, eigenbasis
 from .resume import PartialState, fingerprint
-from .validation import check_finite_weights
+from .validation import check_finite_weights, check_model_and_device, record_achieved_sparsity
 
 logger = logging.getLogger(__name__)
 
@@ -1076,6 +1076,7 @@ class _Slicer:
             mlp_output_name="fc2" if adapter.mlp is None else adapter.mlp_output,
             slicing=self._settings(),
         )
+        record_achieved_sparsity(sliced_config)
         with torch.device("meta"):
             sliced = SlicedModelForCausalLM(sliced_config)
 
@@ -1238,6 +1239,7 @@ def slice_model(
     ([24, 24], 24)
     ```
     """
+    check_model_and_device(model, device)
     sparsity = validate_sparsity(sparsity)
     if getattr(model.config, "model_type", None) == SlicedConfig.model_type:
         done = (model.config.slicing or {}).get("sparsity")

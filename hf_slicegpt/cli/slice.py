@@ -147,6 +147,8 @@ class SliceJob:
     calibration_mix: list[tuple[str, float]] = field(default_factory=list)
     # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
     export: str = "sliced"
+    # Run code shipped with the model or tokenizer (an auto_map): only when the user asks for it.
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -193,7 +195,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     from ..validation import validate_checkpoint
 
     sparsity = validate_sparsity(job.sparsity)
-    check_output_dir(job.output, job.overwrite)
+    check_output_dir(job.output, job.overwrite, inputs=[job.model, job.calibration])
     augment = parse_augment(job.calibration_augment)
     if job.export not in ("sliced", "native"):
         raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
@@ -243,7 +245,9 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             )
 
     with phase("load"):
-        model, tokenizer = load_model_and_tokenizer(job.model, dtype=job.dtype)
+        model, tokenizer = load_model_and_tokenizer(
+            job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code
+        )
         if tokenizer is None:
             from ..validation import missing_tokenizer_error
 
@@ -396,9 +400,10 @@ def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size
 
 def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: bool) -> SliceResult:
     """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .. import report as reporting
+    from ..loading import load_tokenizer
     from ..streaming import resolve_checkpoint, slice_checkpoint
 
     if job.eval_data:
@@ -409,8 +414,8 @@ def _run_low_memory(job: SliceJob, sparsity: float, device: str, show_progress: 
     seconds, phase = _timer()
     start = time.perf_counter()
     source = resolve_checkpoint(job.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    config = AutoConfig.from_pretrained(source)
+    tokenizer = load_tokenizer(source, trust_remote_code=job.trust_remote_code)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=job.trust_remote_code)
     seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
         calibration = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)
@@ -676,6 +681,7 @@ def run_command(args: argparse.Namespace) -> int:
         calibration_augment=args.calibration_augment,
         calibration_mix=_mix_pairs(args.calibration_mix or []),
         export=args.export,
+        trust_remote_code=args.trust_remote_code,
     )
     from .. import distributed
 
