@@ -60,7 +60,11 @@ def test_overwrite_replaces_everything(tmp_path: Path) -> None:
     (target / "stale.txt").write_text("from the old checkpoint")
     with atomic_directory(target, overwrite=True) as tmp:
         _write(tmp, "new")
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "slicing_report.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "slicing_report.json",
+    ]
     assert (target / "config.json").read_text() == "new"
     assert _siblings(target) == []
 
