@@ -288,6 +288,10 @@ def test_overwrite_refusal_and_failed_write_leaves_nothing(
     code, _, stderr = run_main(capsys, *args)
     assert code == 1 and "exists and is not empty" in stderr and "--overwrite" in stderr
     assert (out / "keep.txt").read_text() == "precious"
+    # --overwrite replaces only a checkpoint hf-slicegpt wrote: this is not one yet
+    code, _, stderr = run_main(capsys, *args, "--overwrite")
+    assert code == 1 and "replaces only" in stderr and (out / "keep.txt").read_text() == "precious"
+    (out / "slicing_report.json").write_text("{}")  # now it is (an older sliced checkpoint, say)
 
     def disk_full(*_: Any, **__: Any) -> None:
         raise OSError(28, "No space left on device")
@@ -296,7 +300,7 @@ def test_overwrite_refusal_and_failed_write_leaves_nothing(
     monkeypatch.setattr(reporting, "write_report", disk_full)
     code, _, stderr = run_main(capsys, *args, "--overwrite")
     assert code == 1 and "No space left on device" in stderr
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "slicing_report.json"]
     fresh = work["root"] / "fresh"
     code, _, _ = run_main(capsys, *args[:5], fresh, *args[6:])
     assert code == 1 and not fresh.exists()
@@ -305,7 +309,7 @@ def test_overwrite_refusal_and_failed_write_leaves_nothing(
     monkeypatch.undo()
     code, _, stderr = run_main(capsys, *args, "--overwrite")
     assert code == 0, stderr
-    assert not (out / "keep.txt").exists() and (out / "slicing_report.json").is_file()
+    assert not (out / "keep.txt").exists() and json.loads((out / "slicing_report.json").read_text())["layers"]
 
 
 # ------------------------------------------------------------------------------------------ hub sources

@@ -19,6 +19,7 @@ from hf_slicegpt.checkpoint.io import (
 def _write(directory: Path, content: str) -> None:
     (directory / "config.json").write_text(content)
     (directory / "model.safetensors").write_text(content * 3)
+    (directory / "slicing_report.json").write_text("{}")  # marks it as a checkpoint hf-slicegpt wrote
 
 
 def _siblings(target: Path) -> list[str]:
@@ -65,7 +66,11 @@ def test_overwrite_replaces_everything(tmp_path: Path) -> None:
     (target / "stale.txt").write_text("from the old checkpoint")
     with atomic_directory(target, overwrite=True) as tmp:
         _write(tmp, "new")
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "slicing_report.json",
+    ]
     assert (target / "config.json").read_text() == "new"
     assert _siblings(target) == []
 

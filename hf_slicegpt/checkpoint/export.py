@@ -23,6 +23,7 @@ from ..adapters import get_adapter
 from ..errors import SliceGPTError
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from .io import write_checkpoint
+from .names import NATIVE_EXPORT_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ def _native_config(sliced: SlicedModelForCausalLM, width: int):
             f"heads, slice with round_to={math.lcm(8, heads)} so every width is one"
         ) from err
     native._attn_implementation = family._attn_implementation
+    # Marks the directory as one hf-slicegpt wrote, so that --overwrite may replace it (see io.is_own_checkpoint).
+    setattr(
+        native, NATIVE_EXPORT_KEY, {"format": "native", "sparsity": (config.slicing or {}).get("sparsity")}
+    )
     return native
 
 

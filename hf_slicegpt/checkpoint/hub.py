@@ -15,6 +15,7 @@ implicitly, a Hub model card read from the local Hugging Face cache.
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import logging
 import math
@@ -30,7 +31,8 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from ..errors import SliceGPTError
 from ..modeling.configuration_sliced import SlicedConfig
-from .report import REPORT_NAME, RFT_REPORT_NAME, read_json_file, safetensors_parameters
+from .names import REPORT_NAME, RFT_REPORT_NAME
+from .report import read_json_file, safetensors_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,24 @@ def upload_files(directory: str | os.PathLike) -> list[str]:
             if not name.startswith(".") and full.is_file() and not full.is_symlink():
                 files.append(full.relative_to(root).as_posix())
     return files
+
+
+def unsafe_files(directory: str | os.PathLike, files: Sequence[str]) -> list[str]:
+    """The files of an upload that can run code on whoever loads them: pickles (``.bin``, ``.pt``, ...) and
+    any ``.py`` that is not hf-slicegpt's own remote code, byte for byte."""
+    from .validation import MODELING_FILES, PICKLE_SUFFIXES
+
+    root = Path(directory)
+    unsafe = []
+    for name in files:
+        suffix = Path(name).suffix.lower()
+        if suffix in (*PICKLE_SUFFIXES, ".joblib"):
+            unsafe.append(name)
+        elif suffix == ".py":
+            own = MODELING_FILES.get(name)
+            if own is None or not filecmp.cmp(root / name, own, shallow=False):
+                unsafe.append(name)
+    return unsafe
 
 
 def _dense_parameters(family_config: Any) -> int | None:
@@ -279,6 +299,14 @@ def _gather(directory: Path, kind: CheckpointKind, zero_shot: Mapping[str, Any] 
     return facts
 
 
+def _achieved(config: Mapping[str, Any], slicing: Mapping[str, Any]) -> float | None:
+    """The sparsity really removed (recorded, or computed from the widths for older checkpoints)."""
+    from .validation import achieved_sparsity
+
+    value = slicing.get("achieved_sparsity")
+    return value if isinstance(value, (int, float)) else achieved_sparsity(dict(config))
+
+
 def _layer_rows(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     attn = config.get("attn_input_dims") or []
     mlp = config.get("mlp_input_dims") or []
@@ -303,6 +331,7 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
     family = (config.get("family_config") or {}).get("model_type") or slicing.get("family")
     rows = [
         ("sparsity", _pct(slicing.get("sparsity"))),
+        ("sparsity achieved (from the widths)", _pct(_achieved(config, slicing))),
         ("family", _fmt(family)),
         ("block topology", _fmt(config.get("topology"))),
         ("rotation / schedule", f"{slicing.get('rotation', 'n/a')} / {slicing.get('schedule', 'n/a')}"),
@@ -542,7 +571,7 @@ def build_model_card(
         base_line=base_line,
         base_ref=base_ref,
         sparsity=sparsity,
-        sparsity_pct=_pct(sparsity),
+        sparsity_pct=_pct(_achieved(facts.config, slicing) if facts.config.get("norm_divisor") else sparsity),
         rft=bool(facts.rft_report),
         settings_rows=_settings_rows(facts) if facts.config else [],
         parameter_rows=_parameter_rows(facts) if facts.config else [],
@@ -623,11 +652,15 @@ def push(
     dry_run: bool = False,
     commit_message: str | None = None,
     refresh_card: bool = True,
+    allow_files: Sequence[str] = (),
     api: HfApi | None = None,
 ) -> PushPlan:
     """Upload a sliced checkpoint or adapter directory to the Hub repo ``repo_id`` (created if missing).
 
-    The directory is validated first (:func:`checkpoint_kind`). A missing ``README.md``, or one hf-slicegpt
+    The directory is validated first, as ``info`` does (:func:`checkpoint_kind`, then
+    :func:`~hf_slicegpt.validation.validate_checkpoint` for a sliced checkpoint: widths, shapes, shortcut flags,
+    dtypes), and files that can run code on the downloader are refused (:func:`unsafe_files`) unless named in
+    ``allow_files`` (``--allow-file``): never publish a broken or dangerous checkpoint. A missing ``README.md``, or one hf-slicegpt
     generated, is (re)written with ``repo_id`` in its usage snippets unless ``refresh_card=False``.
     ``dry_run`` touches neither the network nor the directory: it returns the files and the card metadata.
     """
@@ -643,6 +676,10 @@ def push(
         raise PushError("create_pr opens a new pull request; do not also pass a refs/pr/ revision")
 
     warnings = []
+    if kind == "sliced":
+        from .validation import validate_checkpoint
+
+        warnings += validate_checkpoint(directory).warnings
     if kind == "adapter":
         base = (read_json_file(directory / "adapter_config.json") or {}).get("base_model_name_or_path")
         if not _is_repo_id(base):
@@ -656,6 +693,13 @@ def push(
     else:
         card = ModelCard.load(directory / CARD_NAME, ignore_metadata_errors=True)
     files = upload_files(directory)
+    refused = [name for name in unsafe_files(directory, files) if name not in set(allow_files)]
+    if refused:
+        raise PushError(
+            f"refusing to upload {', '.join(refused)} from {str(directory)!r}: pickles run code when loaded, and a "
+            ".py that is not hf-slicegpt's own remote code runs under trust_remote_code=True. Delete them, or name "
+            "each with --allow-file NAME (allow_files=) if you mean to publish it"
+        )
     if CARD_NAME not in files:
         files = sorted([*files, CARD_NAME])
     plan = PushPlan(
@@ -675,6 +719,7 @@ def push(
     if dry_run:
         return plan
 
+    logger.info("Uploading %d files to %s: %s", len(files), repo_id, ", ".join(files))
     if refresh:
         card.save(directory / CARD_NAME)
         logger.info("Refreshed %s for %s", directory / CARD_NAME, repo_id)
@@ -715,6 +760,7 @@ __all__ = [
     "hub_dataset",
     "is_generated_card",
     "push",
+    "unsafe_files",
     "upload_files",
     "write_model_card",
 ]

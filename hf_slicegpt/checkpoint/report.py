@@ -21,11 +21,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .names import REPORT_NAME
+
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "slicing_report.json"
-# Written by recovery fine-tuning beside its adapter or merged model (hf_slicegpt.workflows.rft).
-RFT_REPORT_NAME = "rft_report.json"
 REPORT_FORMAT = 1
 PLOTS_DIR = "plots"
 _PACKAGES = (
@@ -228,7 +227,7 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist")
     if not (directory / "config.json").is_file():
         raise ValueError(f"{str(directory)!r} is not a checkpoint directory: it has no config.json")
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     if getattr(config, "model_type", None) != SlicedConfig.model_type:
         raise ValueError(
             f"{str(directory)!r} holds a dense {config.model_type!r} model, not a sliced one; "
@@ -237,10 +236,15 @@ def checkpoint_summary(directory: str | os.PathLike) -> dict[str, Any]:
     report = read_report(directory) or {}
     stored = safetensors_parameters(directory)
     dense = (report.get("parameters") or {}).get("dense")
+    from .validation import achieved_sparsity
+
+    slicing = dict(config.slicing or {})
+    if slicing.get("achieved_sparsity") is None:  # checkpoints written before it was recorded
+        slicing["achieved_sparsity"] = achieved_sparsity(config)
     return {
         "path": str(directory),
         "family": config.family_config.model_type,
-        "slicing": dict(config.slicing or {}),
+        "slicing": slicing,
         "topology": config.topology,
         "hidden_size": config.norm_divisor,
         "num_layers": len(config.attn_input_dims),

@@ -74,6 +74,14 @@ class NonFiniteWeightsError(SliceGPTError):
     """A tensor of a model about to be saved holds NaN or Inf."""
 
 
+class WeightDtypeError(WeightsFileError):
+    """A weight stored as integers or booleans, which loading into a float model would cast silently."""
+
+
+# safetensors dtype codes that are not floating point.
+_INTEGER_DTYPES = ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
+
+
 @dataclass
 class CheckpointCheck:
     """What :func:`validate_checkpoint` found in a directory that passed."""
@@ -218,16 +226,79 @@ def missing_tokenizer_error(source: str | os.PathLike, purpose: str) -> MissingT
     )
 
 
+def integer_weights(directory: str | os.PathLike) -> dict[str, str]:
+    """Tensors stored as integers or booleans (name -> safetensors dtype), from the headers only."""
+    from safetensors import safe_open
+
+    found: dict[str, str] = {}
+    for path in weight_files(Path(directory)):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                dtype = handle.get_slice(name).get_dtype()
+                if dtype in _INTEGER_DTYPES:
+                    found[name] = dtype
+    return found
+
+
+def check_weight_dtypes(model: torch.nn.Module, directory: str | os.PathLike | None) -> None:
+    """Refuse a checkpoint that stores one of ``model``'s float tensors as integers or booleans.
+
+    transformers casts such a tensor into the float parameter without a word, which destroys it (an int32
+    ``q_proj`` becomes garbage). Integer buffers a model really has (a position-id table) are fine.
+    """
+    if directory is None:
+        return
+    floats = {
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_floating_point()
+    }
+    for name, dtype in sorted(integer_weights(directory).items()):
+        if name in floats:
+            raise WeightDtypeError(
+                f"{Path(directory) / 'model.safetensors'!s}: tensor {name} is stored as {dtype}, but the model "
+                "needs floating-point weights there; loading would cast it silently and destroy it. Re-save the "
+                "checkpoint with its real float weights"
+            )
+
+
+def _foreign_auto_map(config: dict[str, Any], own: dict[str, str] | None) -> dict[str, Any]:
+    """The ``auto_map`` entries of a config dict that are not hf-slicegpt's own (``own``: ours, if any)."""
+    auto_map = config.get("auto_map")
+    if auto_map is None:
+        return {}
+    entries = auto_map.items() if isinstance(auto_map, dict) else [("auto_map", auto_map)]
+    return {str(key): value for key, value in entries if own is None or own.get(str(key)) != value}
+
+
+def tokenizer_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
+    """``tokenizer_config.json`` as a dict ({} if missing or unreadable)."""
+    path = Path(directory) / "tokenizer_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def remote_code_warnings(directory: str | os.PathLike, config: dict[str, Any] | None = None) -> list[str]:
     """Why the remote code a checkpoint would run under ``trust_remote_code=True`` is not ours, if it is not.
 
     hf-slicegpt itself never runs it (sliced models load with the package's own classes, and its loaders keep
-    ``trust_remote_code`` off); the warning is for whoever loads the checkpoint with ``trust_remote_code=True``.
+    ``trust_remote_code`` off, tokenizers included); the warning names every ``auto_map`` entry that is not
+    ours, in ``config.json`` or ``tokenizer_config.json`` (a tokenizer never has code of ours).
     """
     directory = Path(directory)
     config = read_config_dict(directory) if config is None else config
     auto_map = config.get("auto_map")
     warnings = []
+    tokenizer_code = _foreign_auto_map(tokenizer_config_dict(directory), None)
+    if tokenizer_code:
+        listed = ", ".join(f"{key} -> {value!r}" for key, value in sorted(tokenizer_code.items()))
+        warnings.append(
+            f"tokenizer_config.json in {_where(directory)} maps auto classes to code that is not hf-slicegpt's "
+            f"({listed}); hf-slicegpt does not run it, but loading this tokenizer with trust_remote_code=True would"
+        )
     if auto_map is not None:
         entries = auto_map.items() if isinstance(auto_map, dict) else [("auto_map", auto_map)]
         foreign = {
@@ -281,6 +352,12 @@ def validate_checkpoint(
         problems = weight_shape_problems(expected, tied, shapes)
         if problems:
             raise checkpoint_mismatch_error(_where(directory), problems)
+        integers = integer_weights(directory)
+        for name in sorted(set(integers) & set(expected)):
+            raise WeightDtypeError(
+                f"{_where(directory)}: tensor {name} is stored as {integers[name]}, but a sliced model's weights are "
+                "floating point; loading would cast it silently and destroy it. Re-save the checkpoint"
+            )
     tokenizer = has_tokenizer(directory)
     if require_tokenizer and not tokenizer:
         raise missing_tokenizer_error(directory, purpose)
@@ -294,10 +371,63 @@ def check_finite_weights(model: torch.nn.Module, what: str = "the sliced model")
     """Refuse a model with a NaN or Inf tensor (e.g. an fp16 overflow), naming the first one and the fix."""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            if tensor.dtype in (torch.float16,):
+                fix = (
+                    "slice in float32 or bfloat16 (--dtype float32 / dtype=torch.float32), whose range does not "
+                    "overflow"
+                )
+            else:  # float32/bfloat16 do not overflow here: the input model (or its calibration) is at fault
+                fix = (
+                    f"{tensor.dtype} does not overflow, so check the input model's weights feeding {name} "
+                    "(NaN/Inf in the checkpoint?) and the calibration data"
+                )
             raise NonFiniteWeightsError(
-                f"{what} holds NaN or Inf in {name} ({tensor.dtype}), so it is not saved; slice in float32 or "
-                "bfloat16 (--dtype float32 / dtype=torch.float32), whose range does not overflow"
+                f"{what} holds NaN or Inf in {name} ({tensor.dtype}), so it is not saved; {fix}"
             )
+
+
+def _field(config: Any, name: str) -> Any:
+    return config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+
+
+def achieved_sparsity(config: Any) -> float | None:
+    """The fraction of the hidden size actually removed, from a sliced config's widths (object or dict).
+
+    The mean over every block's input widths (attention and MLP), so a clamped width (``round_to`` never goes
+    below one multiple) or a variance schedule is reported as it is, not as it was asked for.
+    """
+    hidden = _field(config, "norm_divisor")
+    widths = [*(_field(config, "attn_input_dims") or []), *(_field(config, "mlp_input_dims") or [])]
+    if not isinstance(hidden, int) or hidden < 1 or not widths:
+        return None
+    return 1.0 - sum(widths) / (len(widths) * hidden)
+
+
+def record_achieved_sparsity(config: Any) -> float | None:
+    """Store the achieved sparsity in ``config.slicing`` beside the requested one; warn when they differ by more
+    than rounding down to a multiple of ``round_to`` explains: rounding down removes a little more than asked,
+    by less than one step; a width clamped at one multiple removes less (0.999 asked, 0.75 removed of 32)."""
+    achieved = achieved_sparsity(config)
+    slicing = getattr(config, "slicing", None)
+    if achieved is None or not isinstance(slicing, dict):
+        return achieved
+    slicing["achieved_sparsity"] = round(achieved, 6)
+    requested, round_to = slicing.get("sparsity"), slicing.get("round_to") or 1
+    step = round_to / config.norm_divisor
+    if (
+        slicing.get("schedule", "const") == "const"
+        and requested is not None
+        and not -1e-9 <= achieved - requested < step + 1e-9
+    ):
+        logger.warning(
+            "Asked for sparsity %g but %g of the hidden size was removed: widths are multiples of round_to=%d "
+            "and never below one (hidden size %d); lower --round-to to get closer",
+            requested,
+            achieved,
+            round_to,
+            config.norm_divisor,
+        )
+    return achieved
 
 
 __all__ = [
@@ -311,7 +441,13 @@ __all__ = [
     "SlicedCheckpointError",
     "UnsafeWeightsError",
     "WeightsFileError",
+    "WeightDtypeError",
+    "achieved_sparsity",
+    "record_achieved_sparsity",
     "check_finite_weights",
+    "check_weight_dtypes",
+    "integer_weights",
+    "tokenizer_config_dict",
     "has_tokenizer",
     "missing_tokenizer_error",
     "read_config_dict",

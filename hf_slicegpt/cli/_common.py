@@ -170,3 +170,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--dtype", choices=DTYPE_CHOICES, default=None, help="weights dtype (default: the checkpoint's)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run code shipped with the model or its tokenizer (auto_map); off by default, never needed for "
+        "sliced checkpoints or supported families",
+    )

@@ -88,7 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
     # A fresh load, as a user would do it: plain transformers, no hf_slicegpt call.
     logger.info("Reloading %s with AutoModelForCausalLM.from_pretrained", result.output)
     reloaded = AutoModelForCausalLM.from_pretrained(result.output)
-    tokenizer = AutoTokenizer.from_pretrained(result.output)
+    tokenizer = AutoTokenizer.from_pretrained(result.output, trust_remote_code=False)
     probe = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     with torch.inference_mode():
         before = result.model(input_ids=probe).logits

@@ -48,6 +48,7 @@ def evaluate_model(
     split: str | None = None,
     subset: str | None = None,
     show_progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of the model at ``source`` on the evaluation text of ``data``, as a JSON-ready dict."""
     from ..checkpoint.report import count_parameters
@@ -56,7 +57,9 @@ def evaluate_model(
     from ..workflows.loading import load_model_and_tokenizer
 
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=resolve_device(device))
+    model, tokenizer = load_model_and_tokenizer(
+        source, dtype=dtype, device=resolve_device(device), trust_remote_code=trust_remote_code
+    )
     if tokenizer is None:
         from ..checkpoint.validation import missing_tokenizer_error
 
@@ -165,6 +168,7 @@ def zero_shot_rows(args: argparse.Namespace, rows: list[dict[str, Any]]) -> list
             limit=limit,
             batch_size=args.batch_size,
             include_path=args.include_path,
+            trust_remote_code=args.trust_remote_code,
         )
         row = by_model.setdefault(source, {"model": source})
         row["zero_shot"] = result
@@ -199,6 +203,7 @@ def run_command(args: argparse.Namespace) -> int:
             split=args.split,
             subset=args.subset,
             show_progress=not getattr(args, "quiet", False),
+            trust_remote_code=args.trust_remote_code,
         )
         rows.append(row)
         if not args.json:

@@ -20,8 +20,10 @@ def format_info(summary: dict[str, Any]) -> str:
     )
     sparsity = slicing.get("sparsity")
     if sparsity is not None:
+        achieved = slicing.get("achieved_sparsity")
+        done = f", {achieved * 100:.4g}% achieved" if achieved is not None else ""
         lines.append(
-            f"  sparsity        {sparsity * 100:g}% (round-to {slicing.get('round_to')}, rotation "
+            f"  sparsity        {sparsity * 100:g}%{done} (round-to {slicing.get('round_to')}, rotation "
             f"{slicing.get('rotation')}, schedule {slicing.get('schedule')})"
         )
     calib = summary.get("settings") or {}
@@ -57,6 +59,7 @@ def format_info(summary: dict[str, Any]) -> str:
     for row in summary["layers"]:
         mlp = f"  {row['mlp_input_dim']:>6}" if sequential else ""
         lines.append(f"  {row['layer']:>5}  {row['attn_input_dim']:>7}{mlp}  {row['output_dim']:>6}")
+    lines += [f"warning: {warning}" for warning in summary.get("warnings") or ()]
     return "\n".join(lines)
 
 
@@ -76,7 +79,8 @@ def run_command(args: argparse.Namespace) -> int:
     from ..checkpoint.validation import validate_checkpoint
 
     # Metadata only: a damaged or inconsistent checkpoint is one clear error, foreign remote code a warning.
-    validate_checkpoint(args.directory)
+    check = validate_checkpoint(args.directory)
     summary = checkpoint_summary(args.directory)
+    summary["warnings"] = check.warnings  # e.g. an auto_map (config or tokenizer) that is not hf-slicegpt's
     print(json.dumps(summary, indent=2) if args.json else format_info(summary))
     return 0

@@ -184,8 +184,10 @@ def run_command(args: argparse.Namespace) -> int:
     from ..workflows.loading import load_model_and_tokenizer
     from ..workflows.rft import RFTConfig, rft
 
-    check_output_dir(args.output, args.overwrite)  # before minutes of loading
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=args.dtype)
+    check_output_dir(args.output, args.overwrite, inputs=[args.model, args.data])  # before minutes of loading
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
     if tokenizer is None:
         from ..checkpoint.validation import missing_tokenizer_error
 

@@ -325,6 +325,7 @@ def run_command(args: argparse.Namespace) -> int:
         calibration_augment=args.calibration_augment,
         calibration_mix=_mix_pairs(args.calibration_mix or []),
         export=args.export,
+        trust_remote_code=args.trust_remote_code,
     )
     from ..runtime import distributed
 

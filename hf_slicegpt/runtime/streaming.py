@@ -33,7 +33,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..adapters import get_adapter
-from ..checkpoint.io import check_output_dir, publish_directory, recover
+from ..checkpoint.io import check_output_dir, publish_directory, recover, temp_stem
 from ..errors import SliceGPTError
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from ..slicing import SlicedBlock, SlicingConfig, slice_model, validate_sparsity
@@ -76,7 +76,7 @@ def _return_freed_memory() -> None:
 def staging_dir(output: str | os.PathLike) -> Path:
     """Where the low-memory path (and ``--checkpoint-every``) keeps the partial state of ``output``."""
     output = Path(output).absolute()
-    return output.parent / f".{output.name}.partial"
+    return output.parent / f"{temp_stem(output)}.partial"
 
 
 # -- reading the source checkpoint -------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def _materialize(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None
 
 def build_skeleton(directory: Path, dtype: torch.dtype | None) -> tuple[Any, ShardReader]:
     """The model on the meta device, with everything outside the decoder blocks loaded from ``directory``."""
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
     adapter = get_adapter(config)
     reader = ShardReader(directory)
     if dtype is None:
@@ -319,7 +319,7 @@ def slice_checkpoint(
     output = Path(output).absolute()
     if output.parent.is_dir():
         recover(output)
-    check_output_dir(output, overwrite)
+    check_output_dir(output, overwrite, inputs=[source])
     directory = resolve_checkpoint(source)
     compute = distributed.local_device(device)
     model, reader = build_skeleton(directory, parse_dtype(dtype))

@@ -39,6 +39,35 @@ def _resolve_config(config: SlicingConfig | float | None, overrides: dict[str, A
         raise SlicingError(f"{err}; the options are the fields of hf_slicegpt.SlicingConfig") from None
 
 
+def _check_model_and_device(model: Any, device: Any) -> None:
+    """Refuse what ``slice_model`` cannot take, with the project's error instead of an AttributeError deep inside.
+
+    ``model`` must be a transformers ``PreTrainedModel`` (a causal LM with a config); ``device`` ``None``, a
+    ``torch.device`` or a device string this machine has.
+    """
+    if model is None or not isinstance(model, PreTrainedModel) or not hasattr(model, "config"):
+        raise SlicingError(
+            f"model must be a transformers causal LM (a PreTrainedModel such as LlamaForCausalLM), got "
+            f"{type(model).__name__}; load one with AutoModelForCausalLM.from_pretrained"
+        )
+    if device is None:
+        return
+    if not isinstance(device, (str, torch.device)) or isinstance(device, bool):
+        raise SlicingError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise SlicingError(
+            f"unknown device {device!r} ({' '.join(str(err).split())}); use cpu, cuda, cuda:N or mps"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise SlicingError(f"device {device!r} asked for, but no CUDA GPU is visible; use device='cpu'")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise SlicingError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise SlicingError(f"device {device!r} asked for, but MPS is not available; use device='cpu'")
+
+
 def _check_checkpointing(checkpoint_dir: Any, checkpoint_every: Any) -> None:
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise SlicingError(
@@ -107,6 +136,7 @@ def slice_model(
     ([24, 24], 24)
     ```
     """
+    _check_model_and_device(model, device)
     cfg = _resolve_config(config, options)
     if getattr(getattr(model, "config", None), "model_type", None) == SlicedConfig.model_type:
         done = (model.config.slicing or {}).get("sparsity")

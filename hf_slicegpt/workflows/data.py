@@ -266,6 +266,11 @@ def _texts_from_column(dataset: Any, column: str, where: str) -> list[str]:
 def _load_local(
     path: Path, purpose: Purpose, *, text_column: str | None, split: str | None, subset: str | None
 ) -> str:
+    if not path.is_dir() and not path.is_file():  # reading a FIFO or a device would block or never end
+        raise DataSourceError(
+            f"{str(path)!r} is neither a regular file nor a directory (a FIFO, socket or device?); pass a "
+            ".txt/.jsonl/.json/.parquet file or a directory of .txt files"
+        )
     if subset:
         logger.warning("subset=%r has no meaning for local path %s; ignoring it", subset, path)
     suffix = path.suffix.lower()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..checkpoint.validation import validate_checkpoint
+from ..checkpoint.validation import check_weight_dtypes, validate_checkpoint
 from ..errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,24 @@ def _gguf_cache_dir(path: Path) -> Path:
     return _cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
+def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` that never runs (or asks on stdout to run) a checkpoint's code.
+
+    transformers prompts ``[y/N]`` for a ``tokenizer_config.json`` ``auto_map`` unless ``trust_remote_code``
+    is given; here it is always given, ``False`` unless the user passed ``--trust-remote-code``.
+    """
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise ModelSourceError(
+            f"the tokenizer of {str(source)!r} needs code shipped with the checkpoint (an auto_map in its "
+            "tokenizer_config.json), which hf-slicegpt does not run; remove the auto_map, or pass "
+            "--trust-remote-code (trust_remote_code=True) if you trust that code"
+        ) from None
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
@@ -77,13 +95,13 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
         model = AutoModelForCausalLM.from_pretrained(
             cache, dtype=dtype or torch.float32, use_safetensors=True
         )
-        return model, AutoTokenizer.from_pretrained(cache)
+        return model, load_tokenizer(cache)
     logger.info("Dequantising %s (once; cached in %s)", path, cache)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=dtype or torch.float32
         )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     except ImportError as err:
         raise ModelSourceError(
             f"loading {path.name} needs the `gguf` package: pip install gguf ({err})"
@@ -155,8 +173,11 @@ def load_model_and_tokenizer(
                 f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''}; transformers would initialise "
                 "them randomly. Re-save or re-download the checkpoint"
             )
+        check_weight_dtypes(model, path if path.is_dir() else None)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
+            tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
+        except ModelSourceError:
+            raise
         except (OSError, ValueError, TypeError) as err:
             logger.warning(
                 "No tokenizer found with %s (%s); copy the original model's tokenizer into it with "
@@ -224,6 +245,7 @@ __all__ = [
     "ModelSourceError",
     "SMOLLM2_ALIAS",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "parse_dtype",
     "resolve_source",
     "smollm2_gguf_path",

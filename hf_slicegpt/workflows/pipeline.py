@@ -65,6 +65,8 @@ class SliceJob:
     calibration_mix: list[tuple[str, float]] = field(default_factory=list)
     # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
     export: str = "sliced"
+    # Run code shipped with the model or tokenizer (an auto_map): only when the user asks for it.
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -119,7 +121,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     from .evaluation import perplexity
     from .loading import load_model_and_tokenizer
 
-    check_output_dir(job.output, job.overwrite)
+    check_output_dir(job.output, job.overwrite, inputs=[job.model, job.calibration])
     augment = parse_augment(job.calibration_augment)
     if job.export not in ("sliced", "native"):
         raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
@@ -169,7 +171,9 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             )
 
     with phase("load"):
-        model, tokenizer = load_model_and_tokenizer(job.model, dtype=job.dtype)
+        model, tokenizer = load_model_and_tokenizer(
+            job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code
+        )
         if tokenizer is None:
             from ..checkpoint.validation import missing_tokenizer_error
 
@@ -319,10 +323,11 @@ def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size
 
 def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceResult:
     """``--low-memory``: stream the blocks from the safetensors shards; never hold the whole model."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..checkpoint import report as reporting
     from ..runtime.streaming import resolve_checkpoint, slice_checkpoint
+    from .loading import load_tokenizer
 
     if job.eval_data:
         raise ValueError(
@@ -332,8 +337,8 @@ def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceRes
     seconds, phase = _timer()
     start = time.perf_counter()
     source = resolve_checkpoint(job.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    config = AutoConfig.from_pretrained(source)
+    tokenizer = load_tokenizer(source, trust_remote_code=job.trust_remote_code)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=job.trust_remote_code)
     seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
         calibration = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)

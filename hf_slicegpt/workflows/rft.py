@@ -31,8 +31,8 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..adapters import lora_target_names
-from ..checkpoint.report import REPORT_NAME as SLICING_REPORT_NAME
-from ..checkpoint.report import RFT_REPORT_NAME as REPORT_NAME
+from ..checkpoint.names import REPORT_NAME as SLICING_REPORT_NAME
+from ..checkpoint.names import RFT_REPORT_NAME as REPORT_NAME
 from ..checkpoint.report import read_json_file
 from ..errors import SliceGPTError
 from ..modeling.configuration_sliced import SlicedConfig
@@ -374,7 +374,7 @@ def rft(
 
     # Everything cheap is checked before the first training step.
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, inputs=[source, base_model_path, train_data, eval_data])
     base_ref = _base_model_ref(model, base_model_path)
     if not config.merge and output_dir is not None and base_ref is None:
         raise RFTError(

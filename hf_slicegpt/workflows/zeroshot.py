@@ -115,7 +115,7 @@ def evaluate_tasks(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     include_defaults: bool = True,
     metrics: Mapping[str, str] | None = None,
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
     bootstrap_iters: int = 1000,
     seed: int = 1234,
 ) -> dict[str, Any]:
@@ -123,8 +123,8 @@ def evaluate_tasks(
 
     Args:
         model: a causal LM in memory (a ``PreTrainedModel``, evaluated where it is), or a checkpoint path or
-            hub id that lm-eval loads itself (``trust_remote_code`` lets a sliced checkpoint load its shipped
-            modeling code).
+            hub id that lm-eval loads itself. ``trust_remote_code`` stays off unless asked for: a sliced
+            checkpoint loads with this package's own classes, and a checkpoint's code must never run unasked.
         tokenizer: the model's tokenizer; loaded from ``model`` when it is a path.
         tasks: lm-eval task names (``"piqa,winogrande"`` or a list; ``"paper"`` = the paper's five).
         num_fewshot: examples in context (the paper: 0).
@@ -221,6 +221,7 @@ def evaluate_checkpoint(
     dtype: str | None = None,
     device: str | None = None,
     save: bool = False,
+    trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Load ``source`` like every hf-slicegpt command (hub id, directory, ``.gguf``, ``smollm2``) and run
@@ -237,7 +238,9 @@ def evaluate_checkpoint(
     if save and not (Path(source) / "config.json").is_file():
         raise ZeroShotError(f"saving results needs a checkpoint directory, got {source!r}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_and_tokenizer(source, dtype=dtype, device=device)
+    model, tokenizer = load_model_and_tokenizer(
+        source, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+    )
     if tokenizer is None:
         raise ZeroShotError(f"model {source!r} has no tokenizer; lm-eval needs one")
     result = evaluate_tasks(model, tokenizer, tasks, **kwargs)
