@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint.validation import check_finite_weights
+from ..checkpoint.validation import check_finite_weights, record_achieved_sparsity
 from ..modeling.configuration_sliced import SlicedConfig
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from .context import SlicingRun
@@ -161,10 +161,10 @@ def assemble(run: SlicingRun, q_embed: torch.Tensor, q_head: torch.Tensor, block
     # The input side reads the table times the family's embedding scale; a tied head reads it unscaled.
     embed_scale = embedding_scale(adapter, run.family_config, run.dtype)
     head_bias = None if lm_head.bias is None else lm_head.bias.detach().to("cpu", torch.float64)
+    config = sliced_config(run, q_embed.shape[1], q_head.shape[1], blocks, head_bias, shift)
+    record_achieved_sparsity(config)  # beside the requested one; warns when a clamped width differs
     with torch.device("meta"):
-        sliced = SlicedModelForCausalLM(
-            sliced_config(run, q_embed.shape[1], q_head.shape[1], blocks, head_bias, shift)
-        )
+        sliced = SlicedModelForCausalLM(config)
     for idx, layer in enumerate(sliced.model.layers):
         layer.self_attn, layer.mlp = blocks[idx].attn, blocks[idx].mlp
         layer.attn_shortcut = blocks[idx].attn_shortcut
