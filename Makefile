@@ -24,8 +24,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
+# The real-model suite (SmolLM2-135M, a few slow tiny-model tests). pytest exits 5 when it selects nothing: the
+# suite must never be empty, so that is an error with a message, not a silent pass.
 test-slow: install
-	$(PY) -m pytest -q -m "slow or real_model" -p no:randomly
+	@status=0; $(PY) -m pytest -q -m "slow or real_model" -p no:randomly || status=$$?; \
+	if [ $$status -eq 5 ]; then echo "test-slow: pytest selected no tests (exit 5); check the slow/real_model markers" >&2; fi; \
+	exit $$status
 
 test-all: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m ""

@@ -94,9 +94,11 @@ def copy_slowly(source):
 i = 0
 while True:
     io.write_checkpoint(target, copy_slowly(sources[i % len(sources)]), overwrite=True)
-    if point == "loop" and i == 0:
-        ready.write_text("loop")
     i += 1
+    if point == "loop":  # how many writes are complete: A first, then B, A, ...
+        tmp_ready = ready.with_suffix(".tmp")
+        tmp_ready.write_text(str(i))
+        replace(tmp_ready, ready)  # the unpatched os.replace
 """
 
 SAVE_CHILD = r"""
@@ -221,15 +223,23 @@ def test_killed_after_random_delays_never_leaves_a_broken_checkpoint(
     versions = {name: _digest(path) for name, path in checkpoints.items()}
     target = tmp_path / "out"
     rng = random.Random(0)
-    seen = set()
+    seen = []
     for attempt in range(12):
         ready = tmp_path / f"ready{attempt}"
         child = _start(CHILD, IO_PATH, "loop", target, ready, checkpoints["A"], checkpoints["B"])
+        # Kill just after the first (A) or the second (B) write completed, plus a random delay that may land in
+        # the next write: a complete A or B must be left either way.
+        writes = 1 + attempt % 2
         _wait_for(ready, child, timeout=60)
-        time.sleep(rng.uniform(0.0, 0.15))
+        while int(ready.read_text()) < writes:
+            _wait_for(ready, child, timeout=60)
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0.0, 0.02))
         _kill(child)
-        seen.add(_left_is_old_or_new(target, versions))
-    assert seen <= {"A", "B"}
+        seen.append(_left_is_old_or_new(target, versions))
+    # Each run overwrote the last one's result, and kills after the A and after the B write both left their
+    # version at least once: if an overwrite were lost or the swap never happened, one would be missing.
+    assert set(seen) == {"A", "B"}, seen
     AutoModelForCausalLM.from_pretrained(target)
 
 

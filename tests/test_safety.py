@@ -508,3 +508,38 @@ def test_io_names_are_stable_for_short_outputs(tmp_path: Path) -> None:
     """Short names keep the old temporary naming, so a resumable ``.NAME.partial`` from before still matches."""
     assert io.temp_stem(tmp_path / "out") == ".out"
     assert len(io.temp_stem(tmp_path / ("n" * 250))) < 40
+
+
+def test_push_allow_file_flag_names_a_file_to_upload(sliced: Path, tmp_path: Path, capsys) -> None:
+    extra = _copy(sliced, tmp_path / "extra")
+    (extra / "helper.py").write_text("VALUE = 1\n")
+    code, _, err = run_main(capsys, "push", extra, "--repo-id", "org/x", "--dry-run")
+    assert code != 0 and "helper.py" in err and "--allow-file" in err
+    code, out, err = run_main(
+        capsys, "push", extra, "--repo-id", "org/x", "--dry-run", "--allow-file", "helper.py"
+    )
+    assert code == 0, err
+    assert "helper.py" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "rft"])
+def test_trust_remote_code_flag_reaches_the_loader(
+    command: str, sliced: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """Off unless asked: the flag (and only the flag) makes the loader trust the checkpoint's code."""
+    from hf_slicegpt.workflows import loading
+
+    seen: list[bool] = []
+
+    def loader(*args: Any, trust_remote_code: bool = False, **kwargs: Any) -> Any:
+        seen.append(trust_remote_code)
+        raise KeyboardInterrupt  # stop here: only the argument matters
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", loader)
+    extra = {"eval": ["--data", "pydocs"], "rft": ["--data", "pydocs", "--output", str(tmp_path / "out")]}[
+        command
+    ]
+    for flag in ([], ["--trust-remote-code"]):
+        code, _, _ = run_main(capsys, command, sliced, *extra, "--device", "cpu", *flag)
+        assert code == 130
+    assert seen == [False, True]

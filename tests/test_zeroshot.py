@@ -268,5 +268,10 @@ def test_cli_eval_tasks_prints_a_table_and_saves_results_for_the_card(sliced, ta
     card = build_model_card(directory)
     assert "acc_norm (0-shot)" in str(card) and "| tiny_norm | acc_norm |" in card.text
 
+    # --limit and --num-fewshot reach lm-eval: 3 documents scored, each with one example in its context
+    assert main([*argv, "--device", "cpu", "--json", "--limit", "3", "--num-fewshot", "1", "-q"]) == 0
+    few = json.loads(capsys.readouterr().out)["zero_shot"]
+    assert few["num_fewshot"] == 1 and {t["samples"] for t in few["tasks"].values()} == {3}
+
     assert main(["eval", str(directory), "-q"]) == 1  # neither --data nor --tasks
     assert "nothing to evaluate" in capsys.readouterr().err
