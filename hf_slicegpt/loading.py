@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .modeling.configuration_sliced import PROVENANCE_ATTRIBUTE
 from .validation import validate_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -68,13 +73,195 @@ def _gguf_cache_dir(path: Path) -> Path:
     return _cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
+# --------------------------------------------------------------------------------------------
+# Provenance: where the dense weights came from, recorded in every sliced checkpoint (no local paths)
+# --------------------------------------------------------------------------------------------
+
+_GGUF_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+# llama.cpp's file types (``general.file_type``, gguf's LlamaFileType), for when the gguf package is absent.
+_GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 32: "BF16"}
+
+
+def read_gguf_metadata(path: str | os.PathLike, prefix: str = "general.") -> dict[str, Any]:
+    """The key-value metadata of a GGUF file whose keys start with ``prefix``, read from its header only.
+
+    Much faster than a full reader: values under other keys (the tokenizer's vocabulary) are skipped, and no
+    tensor is touched.
+    """
+    size = os.path.getsize(path)
+
+    def check(handle: BinaryIO, count: int) -> None:
+        # Lengths come from the file: one past its end means a damaged header, never an allocation to try.
+        if count > size - handle.tell():
+            raise ModelSourceError(
+                f"{Path(path).name} has a damaged GGUF header (a length past the file's end)"
+            )
+
+    def read(handle: BinaryIO, count: int) -> bytes:
+        check(handle, count)
+        return handle.read(count)
+
+    def skip(handle: BinaryIO, count: int) -> None:
+        check(handle, count)
+        handle.seek(count, os.SEEK_CUR)
+
+    def unpack(handle: BinaryIO, fmt: str) -> Any:
+        return struct.unpack(fmt, read(handle, struct.calcsize(fmt)))[0]
+
+    def value(handle: BinaryIO, kind: int, keep: bool) -> Any:
+        if kind == _GGUF_STRING:
+            length = unpack(handle, "<Q")
+            if not keep:
+                skip(handle, length)
+                return None
+            return read(handle, length).decode("utf-8", errors="replace")
+        if kind == _GGUF_ARRAY:
+            item, count = unpack(handle, "<I"), unpack(handle, "<Q")
+            check(handle, count)  # every item takes at least a byte
+            if not keep and item in _GGUF_SCALARS:
+                skip(handle, count * struct.calcsize(_GGUF_SCALARS[item]))
+                return None
+            items = [value(handle, item, keep) for _ in range(count)]
+            return items if keep else None
+        if kind not in _GGUF_SCALARS:
+            raise ModelSourceError(f"{Path(path).name}: unknown GGUF metadata type {kind}")
+        return unpack(handle, _GGUF_SCALARS[kind])
+
+    out: dict[str, Any] = {}
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelSourceError(f"{Path(path).name} is not a GGUF file (no GGUF magic number)")
+        version = unpack(handle, "<I")
+        if version < 2:  # version 1 (2023) used 32-bit counts; nothing reads it any more
+            return out
+        unpack(handle, "<Q")  # tensor count
+        for _ in range(unpack(handle, "<Q")):
+            key = read(handle, unpack(handle, "<Q")).decode("utf-8", errors="replace")
+            keep = key.startswith(prefix)
+            found = value(handle, unpack(handle, "<I"), keep)
+            if keep:
+                out[key] = found
+    return out
+
+
+def gguf_file_type(metadata: dict[str, Any]) -> str | None:
+    """The GGUF's weight type by llama.cpp's name (``Q4_1``, ``F16``...), from ``general.file_type``."""
+    code = metadata.get("general.file_type")
+    if not isinstance(code, int):
+        return None
+    try:
+        from gguf import LlamaFileType
+
+        return LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, ValueError):
+        return _GGUF_FILE_TYPES.get(code, f"file type {code}")
+
+
+def _gguf_base_model(metadata: dict[str, Any]) -> str | None:
+    """A Hub id named in GGUF metadata (``general.base_model.0.repo_url`` or ``general.source.repo_url``)."""
+    for key in (
+        "general.source.huggingface.repository",
+        "general.base_model.0.repo_url",
+        "general.source.repo_url",
+    ):
+        url = metadata.get(key)
+        match = (
+            re.fullmatch(r"(?:https://huggingface\.co/)?([\w.-]+/[\w.-]+)/?", url)
+            if isinstance(url, str)
+            else None
+        )
+        if match:
+            return match.group(1)
+    return None
+
+
+def source_provenance(source: str | os.PathLike) -> dict[str, Any]:
+    """Where a dense model comes from: Hub id, license, file format and the GGUF weight type, never a path.
+
+    A sliced checkpoint keeps this in ``config.json`` (``provenance``), so its card can say, after any re-save,
+    that the weights were (say) dequantised from a Q4_1 GGUF, and that the dense figures describe that copy.
+    """
+    from .hub import KNOWN_BASE_MODELS, base_model_license, hub_base_model
+
+    original = str(source)
+    resolved = resolve_source(original)
+    base, license_ = hub_base_model(original), base_model_license(original)
+    if not resolved.endswith(".gguf"):
+        return {
+            "base_model": base,
+            "license": license_,
+            "source_format": "safetensors",
+            "source_file": None,
+            "quantization": None,
+        }
+    path = Path(resolved)
+    try:
+        metadata = read_gguf_metadata(path)
+    except (OSError, struct.error, ModelSourceError) as err:
+        logger.warning("Cannot read the metadata of %s: %s", path.name, err)
+        metadata = {}
+    if path.name == SMOLLM2_GGUF:  # the demo model, whatever name it was reached by
+        base, license_ = (
+            base or KNOWN_BASE_MODELS[SMOLLM2_ALIAS][0],
+            license_ or KNOWN_BASE_MODELS[SMOLLM2_ALIAS][1],
+        )
+    license_ = license_ or metadata.get("general.license")
+    return {
+        "base_model": base or _gguf_base_model(metadata),
+        "license": license_ if isinstance(license_, str) else None,
+        "source_format": "gguf",
+        "source_file": path.name,
+        "quantization": gguf_file_type(metadata),
+    }
+
+
+def record_provenance(config: Any, source: str | os.PathLike) -> None:
+    """Attach :func:`source_provenance` to a dense model's config unless it already carries one.
+
+    A checkpoint that records its own origin (a cached GGUF dequantisation, a native export of a sliced
+    model) keeps it: the weights still descend from there.
+    """
+    if not isinstance(getattr(config, PROVENANCE_ATTRIBUTE, None), dict):
+        setattr(config, PROVENANCE_ATTRIBUTE, source_provenance(source))
+
+
+def record_cache_provenance(cache: str | os.PathLike, gguf: str | os.PathLike) -> None:
+    """Add the GGUF's provenance to a dequantised cache's ``config.json`` (older caches lack it)."""
+    path = Path(cache) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config.get(PROVENANCE_ATTRIBUTE), dict):
+            return
+        config[PROVENANCE_ATTRIBUTE] = source_provenance(gguf)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as err:  # a read-only cache: the model still loads, without provenance
+        logger.warning("Could not record provenance in %s: %s", path, err)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
         logger.info("Loading dequantised %s from the cache %s", path.name, cache)
+        record_cache_provenance(cache, path)
         model = AutoModelForCausalLM.from_pretrained(
             cache, dtype=dtype or torch.float32, use_safetensors=True
         )
+        record_provenance(model.config, path)
         return model, AutoTokenizer.from_pretrained(cache)
     logger.info("Dequantising %s (once; cached in %s)", path, cache)
     try:
@@ -90,6 +277,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    record_provenance(model.config, path)  # ...but it records what they were dequantised from
     tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +334,7 @@ def load_model_and_tokenizer(
             if "safetensors" in str(err):
                 hint += " (hf-slicegpt loads safetensors weights only, never pickled .bin files)"
             raise ModelSourceError(f"cannot load model {source!r}: {str(err).splitlines()[0]}{hint}") from err
+        record_provenance(model.config, source)
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             raise ModelSourceError(
@@ -174,7 +363,12 @@ __all__ = [
     "ModelSourceError",
     "SMOLLM2_ALIAS",
     "load_model_and_tokenizer",
+    "gguf_file_type",
     "parse_dtype",
+    "read_gguf_metadata",
+    "record_cache_provenance",
+    "record_provenance",
     "resolve_source",
+    "source_provenance",
     "smollm2_gguf_path",
 ]

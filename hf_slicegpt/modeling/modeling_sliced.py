@@ -16,6 +16,7 @@ import inspect
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -510,6 +511,18 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Set by ``import hf_slicegpt``: called with the directory after every save, to (re)write the model card
+    # from config.json (base model, license, source). Remote code without the plugin writes no card.
+    card_writer: Callable[[str | os.PathLike], Any] | None = None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, then the model card (with the plugin; see ``card_writer``)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", args[0] if args else True)
+        writer = type(self).card_writer
+        if writer is not None and is_main and os.path.isdir(save_directory):
+            writer(save_directory)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
