@@ -32,6 +32,11 @@ def _register() -> None:
     # ``trust_remote_code=True`` loads a sliced checkpoint without this package.
     SlicedConfig.register_for_auto_class()
     SlicedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    # Every save_pretrained (re)writes the model card from config.json: base model, license and source survive
+    # merge_and_unload, resharding and saves from Python.
+    from .hub import write_card_after_save
+
+    SlicedModelForCausalLM.card_writer = staticmethod(write_card_after_save)
     # PEFT's default LoRA targets for model_type "slicegpt": `LoraConfig()` without target_modules works.
     from .workflows.rft import register_peft_targets
 

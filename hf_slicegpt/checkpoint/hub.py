@@ -111,6 +111,32 @@ def checkpoint_kind(directory: str | os.PathLike) -> CheckpointKind:
     return "sliced"
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def incomplete_parts(directory: str | os.PathLike, kind: CheckpointKind) -> dict[str, str]:
+    """What a loadable checkpoint still lacks to be useful on the Hub, by part, each with why it matters.
+
+    ``save_pretrained`` writes weights, config and modeling code; the tokenizer comes from the tokenizer's own
+    save, the report from ``hf-slicegpt slice`` (or ``rft``). Empty when nothing is missing.
+    """
+    path = Path(directory)
+    missing = {}
+    # An adapter's users load the tokenizer with its base model.
+    if kind == "sliced" and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        missing["tokenizer"] = "tokenizer (tokenizer.json / tokenizer_config.json)"
+    if kind == "sliced" and not (path / REPORT_NAME).is_file():
+        missing["report"] = (
+            f"{REPORT_NAME}: the card will have no calibration settings or perplexities "
+            "(`hf-slicegpt slice` writes it)"
+        )
+    if kind == "adapter" and not (path / RFT_REPORT_NAME).is_file():
+        missing["report"] = (
+            f"{RFT_REPORT_NAME}: the card will have no training settings (`hf-slicegpt rft` writes it)"
+        )
+    return missing
+
+
 def upload_files(directory: str | os.PathLike) -> list[str]:
     """The files :func:`push` uploads: every regular file, minus hidden ones and ``__pycache__``."""
     root = Path(directory)
@@ -201,6 +227,10 @@ def _is_repo_id(name: Any) -> bool:
     except HFValidationError:
         return False
     return not name.endswith((".gguf", ".safetensors", ".bin"))
+
+
+def _hub_id_or_none(name: Any) -> str | None:
+    return name if _is_repo_id(name) else None
 
 
 def hub_base_model(source: Any) -> str | None:
@@ -324,14 +354,48 @@ def _layer_rows(config: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+_FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")
+
+
+def _provenance(facts: _Facts) -> dict[str, Any]:
+    """Where the dense weights came from: ``config.json``'s ``provenance`` (carried by every re-save), else
+    the report's ``source``."""
+    found = facts.config.get("provenance") or facts.slicing_report.get("source")
+    return dict(found) if isinstance(found, Mapping) else {}
+
+
+def _source_text(provenance: Mapping[str, Any]) -> str | None:
+    """One phrase for the card: what file and weight type the dense model was read from (GGUF only)."""
+    if provenance.get("source_format") != "gguf":
+        return None
+    kind, name = provenance.get("quantization"), provenance.get("source_file")
+    file = f"`{name}`" if name else "a file"
+    if kind and kind not in _FLOAT_GGUF_TYPES:
+        return f"dequantised from the {kind} GGUF {file}"
+    return f"read from the {kind + ' ' if kind else ''}GGUF {file}"
+
+
+def _source_line(provenance: Mapping[str, Any]) -> str | None:
+    text = _source_text(provenance)
+    if text is None:
+        return None
+    kind = provenance.get("quantization")
+    line = f"The dense weights were {text}, not taken from the original checkpoint"
+    if kind and kind not in _FLOAT_GGUF_TYPES:
+        line += f": the dense figures below describe that {kind} copy"
+    return line + "."
+
+
 def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
     config, report = facts.config, facts.slicing_report
     slicing = config.get("slicing") or report.get("slicing") or {}
     settings = report.get("settings") or {}
     family = (config.get("family_config") or {}).get("model_type") or slicing.get("family")
+    source = _source_text(_provenance(facts))
     rows = [
         ("sparsity", _pct(slicing.get("sparsity"))),
         ("sparsity achieved (from the widths)", _pct(_achieved(config, slicing))),
+        *([("dense weights", source)] if source else []),
         ("family", _fmt(family)),
         ("block topology", _fmt(config.get("topology"))),
         ("rotation / schedule", f"{slicing.get('rotation', 'n/a')} / {slicing.get('schedule', 'n/a')}"),
@@ -407,6 +471,8 @@ def _zero_shot_rows(zero_shot: Mapping[str, Any] | None) -> list[dict[str, Any]]
     rows = []
     for task, score in (zero_shot.get("tasks") or {}).items():
         rows.append({"task": task, "metric": score.get("metric"), "value": _fmt(score.get("value"))})
+        for name, other in (score.get("also") or {}).items():  # e.g. acc beside acc_norm: shown, not averaged
+            rows.append({"task": task, "metric": name, "value": _fmt(other.get("value"))})
     if zero_shot.get("average") is not None and rows:
         rows.append({"task": "**average**", "metric": "", "value": _fmt(zero_shot["average"])})
     return rows
@@ -509,6 +575,7 @@ def build_model_card(
     existing = _existing_metadata(directory)
     slicing_settings = facts.slicing_report.get("settings") or {}
     dense_source = facts.slicing_report.get("model")
+    provenance = _provenance(facts)
 
     if kind == "adapter":
         base_ref = facts.adapter_config.get("base_model_name_or_path") or "path/to/sliced/model"
@@ -516,9 +583,16 @@ def build_model_card(
         library = "peft"
     else:
         base_ref = dense_source
-        base = base_model or existing.get("base_model") or hub_base_model(dense_source)
+        base = (
+            base_model
+            or existing.get("base_model")
+            or hub_base_model(dense_source)
+            or _hub_id_or_none(provenance.get("base_model"))
+        )
         library = "transformers"
-    license_ = license or existing.get("license") or base_model_license(dense_source)
+    license_ = (
+        license or existing.get("license") or base_model_license(dense_source) or provenance.get("license")
+    )
     if datasets is None:
         datasets = existing.get("datasets")
     if datasets is None:
@@ -569,6 +643,7 @@ def build_model_card(
         title=name,
         repo=repo_id or REPO_PLACEHOLDER,
         base_line=base_line,
+        source_line=_source_line(provenance),
         base_ref=base_ref,
         sparsity=sparsity,
         sparsity_pct=_pct(_achieved(facts.config, slicing) if facts.config.get("norm_divisor") else sparsity),
@@ -600,6 +675,24 @@ def write_model_card(directory: str | os.PathLike, **kwargs: Any) -> Path:
     card.save(path)
     logger.info("Wrote model card %s", path)
     return path
+
+
+def write_card_after_save(directory: str | os.PathLike) -> Path | None:
+    """What ``SlicedModelForCausalLM.save_pretrained`` calls (with the plugin): (re)write the card.
+
+    A missing card, or one hf-slicegpt generated, is rebuilt from what the directory now holds, so a re-save
+    (``merge_and_unload``, resharding, ``save_pretrained`` from Python) keeps ``base_model``, the license and
+    the source from ``config.json``. A card someone edited (no generated marker) is left alone. A save never
+    fails because of its card: a directory that is not a complete checkpoint yet is skipped.
+    """
+    directory = Path(directory)
+    if not is_generated_card(directory):
+        return None
+    try:
+        return write_model_card(directory)
+    except (InvalidCheckpointError, OSError, ValueError) as exc:
+        logger.info("No model card written in %s: %s", directory, exc)
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,16 +746,20 @@ def push(
     commit_message: str | None = None,
     refresh_card: bool = True,
     allow_files: Sequence[str] = (),
+    allow_incomplete: bool = False,
     api: HfApi | None = None,
 ) -> PushPlan:
     """Upload a sliced checkpoint or adapter directory to the Hub repo ``repo_id`` (created if missing).
 
     The directory is validated first, as ``info`` does (:func:`checkpoint_kind`, then
-    :func:`~hf_slicegpt.validation.validate_checkpoint` for a sliced checkpoint: widths, shapes, shortcut flags,
-    dtypes), and files that can run code on the downloader are refused (:func:`unsafe_files`) unless named in
-    ``allow_files`` (``--allow-file``): never publish a broken or dangerous checkpoint. A missing ``README.md``, or one hf-slicegpt
-    generated, is (re)written with ``repo_id`` in its usage snippets unless ``refresh_card=False``.
-    ``dry_run`` touches neither the network nor the directory: it returns the files and the card metadata.
+    :func:`~hf_slicegpt.checkpoint.validation.validate_checkpoint` for a sliced checkpoint: widths, shapes,
+    shortcut flags, dtypes), and files that can run code on the downloader are refused (:func:`unsafe_files`)
+    unless named in ``allow_files`` (``--allow-file``): never publish a broken or dangerous checkpoint. What
+    ``save_pretrained`` alone leaves out is named (:func:`incomplete_parts`): a sliced checkpoint without a
+    tokenizer is refused unless ``allow_incomplete``; a missing report is a warning (the card then has no
+    measured figures). A missing ``README.md``, or one hf-slicegpt generated, is (re)written with ``repo_id`` in
+    its usage snippets unless ``refresh_card=False``. ``dry_run`` touches neither the network nor the
+    directory: it returns the files, the card metadata and the warnings.
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -675,7 +772,16 @@ def push(
     if create_pr and revision is not None and revision.startswith("refs/pr/"):
         raise PushError("create_pr opens a new pull request; do not also pass a refs/pr/ revision")
 
-    warnings = []
+    missing = incomplete_parts(directory, kind)
+    if missing.get("tokenizer") and kind == "sliced" and not allow_incomplete:
+        raise PushError(
+            f"{str(directory)!r} has no tokenizer ({missing['tokenizer']}): nobody could encode text for this "
+            "model. Save the original model's into it with AutoTokenizer.from_pretrained(ORIGINAL)"
+            ".save_pretrained(DIR), or push anyway with --allow-incomplete (allow_incomplete=True)"
+        )
+    if not refresh_card and not (directory / CARD_NAME).is_file():
+        raise PushError(f"{str(directory)!r} has no {CARD_NAME} to keep: drop --keep-card to generate one")
+    warnings = [f"{str(directory)!r} has no {what}" for what in missing.values()]
     if kind == "sliced":
         from .validation import validate_checkpoint
 
@@ -758,9 +864,11 @@ __all__ = [
     "checkpoint_kind",
     "hub_base_model",
     "hub_dataset",
+    "incomplete_parts",
     "is_generated_card",
     "push",
     "unsafe_files",
     "upload_files",
+    "write_card_after_save",
     "write_model_card",
 ]

@@ -53,6 +53,7 @@ __all__ = [
     "peak_memory",
     "plot_perplexity_vs_sparsity",
     "plot_spectra",
+    "public_name",
     "pyplot",
     "read_report",
     "safetensors_parameters",
@@ -164,9 +165,14 @@ def build_report(
     return {
         "format": REPORT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": model,
+        "model": public_name(model),
+        # Where the dense weights came from (e.g. dequantised from a Q4_1 GGUF): the "dense" figures below
+        # describe that copy, not necessarily the original checkpoint.
+        "source": dict(getattr(config, "provenance", None) or {}) or None,
         "family": (config.slicing or {}).get("family"),
-        "settings": dict(settings),
+        "settings": {
+            key: public_name(value) if key in _PATH_SETTINGS else value for key, value in settings.items()
+        },
         "slicing": dict(config.slicing or {}),
         "hidden_size": config.norm_divisor,
         "embedding_dim": config.embedding_dim,
@@ -187,6 +193,25 @@ def build_report(
         "signals": signals,
         "versions": package_versions(),
     }
+
+
+# Settings that may name local files or directories: a report travels with the checkpoint, paths do not.
+_PATH_SETTINGS = ("model", "output", "calibration", "eval_data")
+
+
+def public_name(value: Any) -> Any:
+    """``value`` without the local part of a path: a file or directory becomes its name; ids stay as they are.
+
+    A checkpoint is published and read on other machines, where a path such as ``/home/me/models/x`` means
+    nothing and tells more than it should.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        return value
+    text = os.fspath(value)
+    looks_local = text.startswith(("/", "~", ".", "\\")) or (len(text) > 1 and text[1] == ":")
+    if looks_local or os.path.exists(text):
+        return Path(text).expanduser().name or text
+    return text
 
 
 def write_report(report: Mapping[str, Any], directory: str | os.PathLike) -> Path:

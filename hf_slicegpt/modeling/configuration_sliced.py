@@ -7,26 +7,73 @@ per-layer width, so ``from_pretrained`` can build the model on the meta device f
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Family attributes mirrored onto the top-level config: generation, the KV cache and tools such as
-# PEFT or lm-eval read them from ``model.config``.
+# Family attributes copied onto the top-level config: generation, the KV cache and tools such as PEFT or
+# lm-eval read them from ``model.config``. These stay writable: token ids and the vocabulary size are changed
+# by ordinary user code (``resize_token_embeddings``, setting a pad token).
 _MIRRORED_ATTRIBUTES = (
     "vocab_size",
     "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
     "sliding_window",
     "layer_types",
     "pad_token_id",
     "bos_token_id",
     "eos_token_id",
 )
+# Standard fields that describe the parts slicing leaves untouched (attention heads, MLP width, RoPE, norms).
+# Tools that size or serve a model (lm-eval, vLLM, memory estimators) read them at the top level, so they are
+# exposed there, read-only: each is a property over ``family_config``, which stays the one source of truth.
+# A field the family lacks (OPT has no ``intermediate_size``) is absent here too, as it is on the dense config.
+FAMILY_FIELDS = (
+    "intermediate_size",
+    "ffn_dim",
+    "hidden_act",
+    "activation_function",
+    "rms_norm_eps",
+    "layer_norm_eps",
+    "rope_parameters",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "attention_bias",
+    "mlp_bias",
+)
+# The attribute under which a loader records where a dense model came from (see ``SlicedConfig.provenance``).
+PROVENANCE_ATTRIBUTE = "hf_slicegpt_provenance"
+_PROVENANCE_KEYS = ("base_model", "license", "source_format", "source_file", "quantization")
+
+
+class ReadOnlyFieldError(ValueError):
+    """A standard field of a sliced config was given a value that disagrees with ``family_config``."""
+
+
+def _family_field(name: str) -> property:
+    def getter(self: SlicedConfig) -> Any:
+        family = self.__dict__.get("family_config")
+        if family is None or isinstance(family, dict):
+            raise AttributeError(name)
+        return getattr(family, name)
+
+    def setter(self: SlicedConfig, value: Any) -> None:
+        # Loading a config.json that carries these fields (and transformers' own RoPE standardisation) assigns
+        # them; an equal value is accepted, a different one would make the two copies disagree.
+        family = self.__dict__.get("family_config")
+        missing = object()
+        current = missing if family is None or isinstance(family, dict) else getattr(family, name, missing)
+        if current is missing or value != current:
+            mirrored = "which it lacks" if current is missing else f"({current!r})"
+            raise ReadOnlyFieldError(
+                f"SlicedConfig.{name} is read-only: it mirrors family_config.{name} {mirrored}, got {value!r}; "
+                f"set family_config.{name} instead"
+            )
+
+    return property(getter, setter, doc=f"``family_config.{name}`` (read-only).")
 
 
 class SlicedConfig(PreTrainedConfig):
@@ -84,11 +131,21 @@ class SlicedConfig(PreTrainedConfig):
     mlp_input_names: list[str] | None = None
     mlp_output_name: str | None = None
     slicing: dict[str, Any] | None = None
+    # Where the dense weights came from: ``base_model`` (Hub id), ``license``, ``source_format`` (``gguf`` or
+    # ``safetensors``), ``source_file`` (a file name, never a path) and ``quantization`` (e.g. ``Q4_1``, the
+    # GGUF type the weights were dequantised from). Kept in config.json so every re-save carries it.
+    provenance: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         family_attn = getattr(self.family_config, "_attn_implementation", None)
+        # Seen before the base class builds the family sub-config, which copies neither attribute.
+        family_provenance = getattr(self.family_config, PROVENANCE_ATTRIBUTE, None)
+        if isinstance(self.family_config, dict):
+            family_provenance = self.family_config.get(PROVENANCE_ATTRIBUTE, family_provenance)
         super().__post_init__(**kwargs)
         family = self.family_config
+        if self.provenance is None and isinstance(family_provenance, dict):
+            self.provenance = {k: family_provenance.get(k) for k in _PROVENANCE_KEYS}
         # The base class resets sub-configs' attention backend; keep the family's unless one was asked for.
         if self._attn_implementation is None and family_attn is not None:
             self._attn_implementation = family_attn
@@ -115,6 +172,26 @@ class SlicedConfig(PreTrainedConfig):
         if self.mlp_shortcuts is None:
             self.mlp_shortcuts = [True] * n if self.topology == "sequential" else []
         self.validate_widths()
+
+    def to_dict(self) -> dict[str, Any]:
+        """The serialised config, with the standard family fields at the top level and no local paths.
+
+        ``_name_or_path`` records where a config was loaded from (for a dequantised GGUF, a site-packages
+        directory): it means nothing on another machine, so neither this config nor its family config writes it.
+        """
+        output = super().to_dict()
+        family = output.get("family_config")
+        if isinstance(family, dict):
+            family.pop("_name_or_path", None)
+            family.pop(PROVENANCE_ATTRIBUTE, None)
+        output.pop("_name_or_path", None)
+        for name in FAMILY_FIELDS:
+            try:
+                value = getattr(self, name)
+            except AttributeError:
+                continue
+            output[name] = copy.deepcopy(value)
+        return output
 
     @classmethod
     def from_family_config(cls, family_config: PreTrainedConfig, **kwargs: Any) -> SlicedConfig:
@@ -179,4 +256,7 @@ class SlicedConfig(PreTrainedConfig):
         return self.layer_output_dim(layer_idx)
 
 
-__all__ = ["SlicedConfig"]
+for _name in FAMILY_FIELDS:
+    setattr(SlicedConfig, _name, _family_field(_name))
+
+__all__ = ["FAMILY_FIELDS", "PROVENANCE_ATTRIBUTE", "ReadOnlyFieldError", "SlicedConfig"]

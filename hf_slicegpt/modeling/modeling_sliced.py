@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,14 @@ _MASK_BUILDERS = {
     "full_attention": create_causal_mask,
     "sliding_attention": create_sliding_window_causal_mask,
 }
+# transformers 5.24 renamed the KV cache argument and output field ``past_key_values`` to ``cache``. This code
+# speaks ``cache`` and translates at the edges, so a checkpoint runs on either side of the rename.
+CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _with_cache(cache: Cache | None) -> dict[str, Cache | None]:
+    """``cache`` under the name this transformers uses (for masks, family modules and model outputs)."""
+    return {CACHE_NAME: cache}
 
 
 def attention_layer_kinds(family_config) -> list[str]:
@@ -97,6 +107,8 @@ def attention_layer_kinds(family_config) -> list[str]:
 
 def attention_masks(family_config, kinds: list[str], **mask_kwargs: Any) -> dict[str, Any]:
     """One attention mask per layer kind in ``kinds`` (``mask_kwargs`` as for ``create_causal_mask``)."""
+    if "cache" in mask_kwargs:
+        mask_kwargs.update(_with_cache(mask_kwargs.pop("cache")))
     return {kind: _MASK_BUILDERS[kind](config=family_config, **mask_kwargs) for kind in dict.fromkeys(kinds)}
 
 
@@ -323,8 +335,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     def _attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs.get("position_embeddings") is None:
             kwargs.pop("position_embeddings", None)
-        if self.cache_kwarg != "cache":
-            kwargs[self.cache_kwarg] = kwargs.pop("cache", None)
+        cache_kwarg = CACHE_NAME if self.cache_kwarg == "cache" else self.cache_kwarg
+        if cache_kwarg != "cache":
+            kwargs[cache_kwarg] = kwargs.pop("cache", None)
         output = self.self_attn(hidden_states=hidden_states, **kwargs)
         return output[0] if isinstance(output, tuple) else output
 
@@ -416,7 +429,8 @@ class SlicedModel(SlicedPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        kwargs.pop("past_key_values", None)
+        legacy_cache = kwargs.pop("past_key_values", None)  # the name before transformers 5.24
+        cache = legacy_cache if cache is None else cache
         kwargs.pop("output_attentions", None)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
@@ -474,7 +488,9 @@ class SlicedModel(SlicedPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, **_with_cache(cache if use_cache else None)
+        )
 
 
 class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
@@ -495,6 +511,18 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Set by ``import hf_slicegpt``: called with the directory after every save, to (re)write the model card
+    # from config.json (base model, license, source). Remote code without the plugin writes no card.
+    card_writer: Callable[[str | os.PathLike], Any] | None = None
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """``PreTrainedModel.save_pretrained``, then the model card (with the plugin; see ``card_writer``)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main = kwargs.get("is_main_process", args[0] if args else True)
+        writer = type(self).card_writer
+        if writer is not None and is_main and os.path.isdir(save_directory):
+            writer(save_directory)
+        return result
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -580,8 +608,8 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        if cache is None and kwargs.get("past_key_values") is not None:
-            cache = kwargs["past_key_values"]
+        legacy_cache = kwargs.pop("past_key_values", None)  # the name before transformers 5.24
+        cache = legacy_cache if cache is None else cache
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -603,7 +631,7 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **_with_cache(getattr(outputs, CACHE_NAME)))
 
 
 __all__ = [

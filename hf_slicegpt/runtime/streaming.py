@@ -120,7 +120,12 @@ class ShardReader:
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
     """A local directory with ``config.json`` and safetensors for ``source`` (directory, GGUF/alias, hub id)."""
-    from ..workflows.loading import _gguf_cache_dir, load_model_and_tokenizer, resolve_source
+    from ..workflows.loading import (
+        _gguf_cache_dir,
+        load_model_and_tokenizer,
+        record_cache_provenance,
+        resolve_source,
+    )
 
     resolved = resolve_source(source)
     path = Path(resolved)
@@ -129,6 +134,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
         if not (cache / "config.json").is_file():
             logger.info("Dequantising %s once into %s (this loads it whole, once)", path.name, cache)
             load_model_and_tokenizer(resolved)
+        record_cache_provenance(cache, path)  # what the weights were dequantised from, for the sliced config
         return cache
     if path.is_dir():
         if not (path / "config.json").is_file():

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from ..checkpoint.validation import check_weight_dtypes, validate_checkpoint
 from ..errors import SliceGPTError
+from ..modeling.configuration_sliced import PROVENANCE_ATTRIBUTE
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +92,131 @@ def load_tokenizer(source: str | os.PathLike, *, trust_remote_code: bool = False
         ) from None
 
 
+# --------------------------------------------------------------------------------------------
+# Provenance: where the dense weights came from, recorded in every sliced checkpoint (no local paths)
+# --------------------------------------------------------------------------------------------
+
+
+def read_gguf_metadata(path: str | os.PathLike, prefix: str = "general.") -> dict[str, Any]:
+    """The key-value metadata of a GGUF file whose keys start with ``prefix`` (read with the ``gguf`` package,
+    which transformers needs to load a GGUF anyway; the file is memory-mapped, no tensor is read)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as err:  # gguf's own errors for a bad header
+        raise ModelSourceError(f"{Path(path).name} is not a readable GGUF file: {err}") from None
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
+
+
+def gguf_file_type(metadata: dict[str, Any]) -> str | None:
+    """The GGUF's weight type by llama.cpp's name (``Q4_1``, ``F16``...), from ``general.file_type``."""
+    from gguf import LlamaFileType
+
+    code = metadata.get("general.file_type")
+    if not isinstance(code, int):
+        return None
+    try:
+        return LlamaFileType(code).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"file type {code}"
+
+
+def _gguf_base_model(metadata: dict[str, Any]) -> str | None:
+    """A Hub id named in GGUF metadata (``general.base_model.0.repo_url`` or ``general.source.repo_url``)."""
+    for key in (
+        "general.source.huggingface.repository",
+        "general.base_model.0.repo_url",
+        "general.source.repo_url",
+    ):
+        url = metadata.get(key)
+        match = (
+            re.fullmatch(r"(?:https://huggingface\.co/)?([\w.-]+/[\w.-]+)/?", url)
+            if isinstance(url, str)
+            else None
+        )
+        if match:
+            return match.group(1)
+    return None
+
+
+def source_provenance(source: str | os.PathLike) -> dict[str, Any]:
+    """Where a dense model comes from: Hub id, license, file format and the GGUF weight type, never a path.
+
+    A sliced checkpoint keeps this in ``config.json`` (``provenance``), so its card can say, after any re-save,
+    that the weights were (say) dequantised from a Q4_1 GGUF, and that the dense figures describe that copy.
+    """
+    from .hub import KNOWN_BASE_MODELS, base_model_license, hub_base_model
+
+    original = str(source)
+    resolved = resolve_source(original)
+    base, license_ = hub_base_model(original), base_model_license(original)
+    if not resolved.endswith(".gguf"):
+        return {
+            "base_model": base,
+            "license": license_,
+            "source_format": "safetensors",
+            "source_file": None,
+            "quantization": None,
+        }
+    path = Path(resolved)
+    try:
+        metadata = read_gguf_metadata(path)
+    except (OSError, struct.error, ModelSourceError) as err:
+        logger.warning("Cannot read the metadata of %s: %s", path.name, err)
+        metadata = {}
+    if path.name == SMOLLM2_GGUF:  # the demo model, whatever name it was reached by
+        base, license_ = (
+            base or KNOWN_BASE_MODELS[SMOLLM2_ALIAS][0],
+            license_ or KNOWN_BASE_MODELS[SMOLLM2_ALIAS][1],
+        )
+    license_ = license_ or metadata.get("general.license")
+    return {
+        "base_model": base or _gguf_base_model(metadata),
+        "license": license_ if isinstance(license_, str) else None,
+        "source_format": "gguf",
+        "source_file": path.name,
+        "quantization": gguf_file_type(metadata),
+    }
+
+
+def record_provenance(config: Any, source: str | os.PathLike) -> None:
+    """Attach :func:`source_provenance` to a dense model's config unless it already carries one.
+
+    A checkpoint that records its own origin (a cached GGUF dequantisation, a native export of a sliced
+    model) keeps it: the weights still descend from there.
+    """
+    if not isinstance(getattr(config, PROVENANCE_ATTRIBUTE, None), dict):
+        setattr(config, PROVENANCE_ATTRIBUTE, source_provenance(source))
+
+
+def record_cache_provenance(cache: str | os.PathLike, gguf: str | os.PathLike) -> None:
+    """Add the GGUF's provenance to a dequantised cache's ``config.json`` (older caches lack it)."""
+    path = Path(cache) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(config.get(PROVENANCE_ATTRIBUTE), dict):
+            return
+        config[PROVENANCE_ATTRIBUTE] = source_provenance(gguf)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as err:  # a read-only cache: the model still loads, without provenance
+        logger.warning("Could not record provenance in %s: %s", path, err)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     cache = _gguf_cache_dir(path)
     if (cache / "config.json").is_file():
         logger.info("Loading dequantised %s from the cache %s", path.name, cache)
+        record_cache_provenance(cache, path)
         model = AutoModelForCausalLM.from_pretrained(
             cache, dtype=dtype or torch.float32, use_safetensors=True
         )
         return model, load_tokenizer(cache)
+
+        record_provenance(model.config, path)
+        return model, AutoTokenizer.from_pretrained(cache)
     logger.info("Dequantising %s (once; cached in %s)", path, cache)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -110,6 +231,7 @@ def _load_gguf(path: Path, dtype: torch.dtype | None) -> tuple[PreTrainedModel, 
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    record_provenance(model.config, path)  # ...but it records what they were dequantised from
     tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -166,6 +288,7 @@ def load_model_and_tokenizer(
             if "safetensors" in str(err):
                 hint += " (hf-slicegpt loads safetensors weights only, never pickled .bin files)"
             raise ModelSourceError(f"cannot load model {source!r}: {str(err).splitlines()[0]}{hint}") from err
+        record_provenance(model.config, source)
         missing = sorted(info.get("missing_keys") or ())
         if missing:
             raise ModelSourceError(
@@ -246,7 +369,12 @@ __all__ = [
     "SMOLLM2_ALIAS",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "gguf_file_type",
     "parse_dtype",
+    "read_gguf_metadata",
+    "record_cache_provenance",
+    "record_provenance",
     "resolve_source",
+    "source_provenance",
     "smollm2_gguf_path",
 ]

@@ -58,6 +58,28 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     return out
 
 
+_OFFLINE_MARKERS = ("OfflineModeIsEnabled", "Couldn't reach", "offline mode", "Max retries exceeded")
+
+
+def _is_unreachable_dataset(exc: BaseException) -> bool:
+    """Whether ``exc`` (from building lm-eval's tasks) says a dataset could not be fetched from the Hub."""
+    while exc is not None:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or any(m in str(exc) for m in _OFFLINE_MARKERS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def offline_task_error(tasks: Sequence[str], exc: BaseException) -> ZeroShotError:
+    """One line for a task whose dataset lives on the Hub, when the Hub cannot be reached: what to do instead."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ZeroShotError(
+        f"lm-eval tasks {', '.join(tasks)} fetch their datasets from the Hugging Face Hub, which cannot be reached "
+        f"({reason}); offline, pass --include-path DIR (include_path=) with a local task YAML whose "
+        "dataset_kwargs.data_files name local files (see the README), or run once online to fill the datasets cache"
+    )
+
+
 def _import_lm_eval() -> Any:
     try:
         import lm_eval
@@ -85,6 +107,19 @@ def primary_metric(
             return choice
     numeric = sorted(k for k in available if isinstance(_metric_value(metrics, k), (int, float)))
     return numeric[0] if numeric else None
+
+
+def _other_metrics(metrics: Mapping[str, Any], primary: str | None) -> list[str]:
+    """Numeric metrics of a task besides ``primary``, in the preferred order, then by name."""
+    names = {
+        key.split(",")[0]
+        for key, value in metrics.items()
+        if "_stderr" not in key
+        and key not in ("alias", "name", "sample_len")
+        and _as_float(value) is not None
+    }
+    names.discard(primary)
+    return sorted(names, key=lambda n: (_FALLBACK_METRICS.index(n) if n in _FALLBACK_METRICS else 99, n))
 
 
 def _metric_value(metrics: Mapping[str, Any], name: str) -> Any:
@@ -196,19 +231,24 @@ def evaluate_tasks(
     logger.info(
         "lm-eval %s on %s: %s (%d-shot)", lm_eval.__version__, model_name, ", ".join(names), num_fewshot
     )
-    raw = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        bootstrap_iters=bootstrap_iters,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    try:
+        raw = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+    except Exception as exc:
+        if _is_unreachable_dataset(exc):
+            raise offline_task_error(names, exc) from exc
+        raise
     if raw is None:  # a non-zero rank under torch.distributed
         return {}
     return parse_results(raw, names, metrics=metrics, model=model_name, num_fewshot=num_fewshot, limit=limit)
@@ -277,6 +317,14 @@ def parse_results(
             "metric": metric,
             "value": _as_float(_metric_value(task_metrics, metric)) if metric else None,
             "stderr": _as_float(_metric_value(task_metrics, f"{metric}_stderr")) if metric else None,
+            # Every other accuracy-like metric the task reports (PIQA: acc beside acc_norm), never averaged.
+            "also": {
+                name: {
+                    "value": _as_float(_metric_value(task_metrics, name)),
+                    "stderr": _as_float(_metric_value(task_metrics, f"{name}_stderr")),
+                }
+                for name in _other_metrics(task_metrics, metric)
+            },
             "samples": count.get("effective", count.get("original")),
             "dataset_path": config.get("dataset_path"),
             "dataset_name": config.get("dataset_name"),
@@ -303,20 +351,35 @@ def _lm_eval_version() -> str | None:
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-    """A plain-text table: one row per task (metric, value, stderr) and the average."""
+    """A plain-text table: one row per task and metric (value, stderr), then the average.
+
+    A task that reports several metrics (PIQA: ``acc`` and ``acc_norm``) gets a row for each; the one in the
+    average (the paper's choice) is marked ``*``.
+    """
+
+    def cells(task: str, metric: str, value: Any, stderr: Any) -> tuple[str, str, str, str]:
+        return (
+            task,
+            metric,
+            "-" if value is None else f"{value:.4f}",
+            "-" if stderr is None else f"±{stderr:.4f}",
+        )
+
+    tasks = result.get("tasks") or {}
+    several = any(score.get("also") for score in tasks.values())
+    mark = "*" if several else ""
     rows = [("task", "metric", "value", "stderr")]
-    for task, score in (result.get("tasks") or {}).items():
-        value, stderr = score.get("value"), score.get("stderr")
+    for task, score in tasks.items():
+        metric = score.get("metric") or "-"
         rows.append(
-            (
-                task,
-                score.get("metric") or "-",
-                "-" if value is None else f"{value:.4f}",
-                "-" if stderr is None else f"±{stderr:.4f}",
+            cells(
+                task, metric + (mark if score.get("metric") else ""), score.get("value"), score.get("stderr")
             )
         )
+        for name, other in (score.get("also") or {}).items():
+            rows.append(cells(task, name, other.get("value"), other.get("stderr")))
     average = result.get("average")
-    rows.append(("average", "", "-" if average is None else f"{average:.4f}", ""))
+    rows.append(("average" + mark, "", "-" if average is None else f"{average:.4f}", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = []
     for i, row in enumerate(rows):
@@ -327,6 +390,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         )
         if i == 0 or i == len(rows) - 2:
             lines.append("  ".join("-" * w for w in widths))
+    if several:
+        lines.append("* the metric averaged (the paper's choice per task)")
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -345,6 +410,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_tasks",
     "format_table",
+    "offline_task_error",
     "parse_results",
     "parse_tasks",
     "primary_metric",
