@@ -16,6 +16,7 @@ from .adapters import (
     supported_model_types,
 )
 from .export import NativeExportError, save_native, to_native
+from .gguf_export import GGUFExportError, export_gguf
 from .modeling.configuration_sliced import SlicedConfig
 from .modeling.modeling_sliced import SlicedModelForCausalLM
 from .slicing import SlicingError, slice_model, sliced_width, validate_sparsity
@@ -40,10 +41,12 @@ _register()
 
 __all__ = [
     "FamilyAdapter",
+    "GGUFExportError",
     "NativeExportError",
     "SlicedConfig",
     "SlicedModelForCausalLM",
     "SlicingError",
+    "export_gguf",
     "UnsupportedModelError",
     "get_adapter",
     "register_adapter",

@@ -248,6 +248,12 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             from ..validation import missing_tokenizer_error
 
             raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
+    if job.export == "native":  # widths the family and llama.cpp can run, before any slicing
+        from ..export import native_round_to
+
+        job.slice_kwargs["round_to"] = native_round_to(
+            model.config, sparsity, job.slice_kwargs.get("round_to")
+        )
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):
