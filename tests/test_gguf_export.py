@@ -7,7 +7,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from cli_helpers import VOCAB, tiny_tokenizer
+from cli_helpers import VOCAB, save_tiny_checkpoint, tiny_tokenizer, write_corpus
 from tiny import calibration, make_tiny
 from tiny_tokenizer import char_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
@@ -109,3 +109,15 @@ def test_native_widths_are_multiples_of_the_heads_before_slicing() -> None:
     assert native_round_to(smollm2_like, 0.25, round_to=8) == 8  # 432 is a multiple of 9 already
     with pytest.raises(NativeExportError, match=r"to 400, .* use width 360 \(--round-to 72"):
         native_round_to(smollm2_like, 0.3, round_to=8)
+
+
+def test_the_cli_refuses_a_native_width_before_slicing(tmp_path, capsys) -> None:
+    dense = save_tiny_checkpoint(tmp_path / "dense", family="llama")  # hidden 32, 4 heads
+    corpus = write_corpus(tmp_path / "corpus.txt", chars=5_000)
+    out = tmp_path / "never"
+    argv = ["slice", str(dense), "--sparsity", "0.25", "--calibration", str(corpus), "--num-samples", "2",
+            "--seq-len", "32", "--rotation", "global", "--export", "native", "--round-to", "7", "-o", str(out)]  # fmt: skip
+    assert cli.main([*argv, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "slices the hidden size 32 to 21" in err and "use width 24 (--round-to 8" in err
+    assert not out.exists()
