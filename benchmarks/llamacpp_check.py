@@ -40,7 +40,7 @@ def llama_side(request: dict[str, Any]) -> dict[str, Any]:
         n_ctx=512,
         n_batch=512,
         n_threads=request.get("threads", 1),
-        logits_all=False,
+        logits_all=True,  # llama-cpp-python 0.3.36 keeps logits in `scores` only then
         verbose=False,
     )
     prompt = list(request["prompt_ids"])
