@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint format demo bench clean
+.PHONY: install test test-slow test-all lint format demo bench clean llamacpp-check
 
 install: $(VENV)/.installed
 
@@ -45,5 +45,17 @@ format: install
 demo: install
 	$(VENV)/bin/hf-slicegpt demo --output demo-output/smollm2-sliced-25 --overwrite
 
+# llama.cpp through llama-cpp-python, in its own venv: it compiles llama.cpp (minutes), so never in `install`.
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+
+$(LLAMACPP_VENV)/.installed:
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" $(LLAMACPP_VENV)/bin/pip install --quiet llama-cpp-python==0.3.36
+	touch $@
+
+llamacpp-check: install $(LLAMACPP_VENV)/.installed
+	LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python $(PY) benchmarks/llamacpp_check.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache demo-output
+	rm -rf $(VENV) $(LLAMACPP_VENV) .pytest_cache .ruff_cache demo-output

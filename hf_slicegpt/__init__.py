@@ -16,6 +16,7 @@ from .adapters import (
     supported_model_types,
 )
 from .checkpoint.export import NativeExportError, save_native, to_native
+from .checkpoint.gguf_export import GGUFExportError, export_gguf
 from .errors import SliceGPTError
 from .modeling.configuration_sliced import SlicedConfig
 from .modeling.modeling_sliced import SlicedModelForCausalLM
@@ -34,7 +35,7 @@ def _register() -> None:
     SlicedModelForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     # Every save_pretrained (re)writes the model card from config.json: base model, license and source survive
     # merge_and_unload, resharding and saves from Python.
-    from .hub import write_card_after_save
+    from .checkpoint.hub import write_card_after_save
 
     SlicedModelForCausalLM.card_writer = staticmethod(write_card_after_save)
     # PEFT's default LoRA targets for model_type "slicegpt": `LoraConfig()` without target_modules works.
@@ -47,6 +48,7 @@ _register()
 
 __all__ = [
     "FamilyAdapter",
+    "GGUFExportError",
     "NativeExportError",
     "SlicedConfig",
     "SliceGPTError",
@@ -56,6 +58,7 @@ __all__ = [
     "SlicingConfig",
     "SlicingError",
     "SlicingHooks",
+    "export_gguf",
     "UnsupportedModelError",
     "get_adapter",
     "register_adapter",

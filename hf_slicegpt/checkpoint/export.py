@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -162,6 +163,38 @@ def to_native(sliced: SlicedModelForCausalLM) -> PreTrainedModel:
     return native.eval()
 
 
+def native_round_to(family_config: Any, sparsity: float, round_to: int | None = None) -> int:
+    """The ``round_to`` to slice with when a native (or GGUF) export is planned, checked before slicing.
+
+    The family config (transformers validates it) and so llama.cpp need the sliced hidden size to be a multiple
+    of the head count. Without an explicit ``round_to`` this is ``lcm(8, heads)``; an explicit one that gives a
+    width the family cannot hold is refused here, naming the width and ``round_to`` to use instead, rather than
+    after minutes of slicing.
+    """
+    from ..slicing import sliced_width
+
+    heads = int(getattr(family_config, "num_attention_heads", 0) or 1)
+    hidden = int(family_config.hidden_size)
+    planned = math.lcm(8, heads)
+    if round_to is None:
+        width = sliced_width(hidden, sparsity, planned)
+        logger.info(
+            "Native export planned: widths rounded to multiples of %d (lcm(8, %d heads))", planned, heads
+        )
+        if width % heads:
+            raise NativeExportError(f"no width that is a multiple of {heads} heads fits hidden size {hidden}")
+        return planned
+    width = sliced_width(hidden, sparsity, round_to)
+    if width % heads:
+        instead = sliced_width(hidden, sparsity, planned)
+        raise NativeExportError(
+            f"round_to={round_to} slices the hidden size {hidden} to {width}, which is not a multiple of the "
+            f"{heads} attention heads, so neither the family's own architecture nor llama.cpp can run it; use "
+            f"width {instead} (--round-to {planned}, or leave --round-to out)"
+        )
+    return round_to
+
+
 def save_native(
     sliced: SlicedModelForCausalLM,
     output_dir: str | os.PathLike,
@@ -181,4 +214,4 @@ def save_native(
     return write_checkpoint(output_dir, write, overwrite=overwrite)
 
 
-__all__ = ["NativeExportError", "save_native", "to_native"]
+__all__ = ["NativeExportError", "native_round_to", "save_native", "to_native"]

@@ -565,7 +565,7 @@ def build_model_card(
             sliced model's id for an adapter).
         license, datasets, language: metadata; by default carried over from an existing card, the base model
             (when known offline) and the calibration / training sources.
-        zero_shot: the dict of :func:`hf_slicegpt.zeroshot.evaluate_tasks` (default: ``zeroshot_results.json``).
+        zero_shot: the dict of :func:`hf_slicegpt.workflows.zeroshot.evaluate_tasks` (default: ``zeroshot_results.json``).
         tags: extra tags.
         name: the model's name in the title and ``model-index`` (default: the repo's or directory's name).
     """

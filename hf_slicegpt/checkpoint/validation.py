@@ -115,7 +115,7 @@ def read_config_dict(directory: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointValidationError(
                 f"checkpoint directory {_where(directory)} does not exist, but an interrupted write left the "
                 f"previous checkpoint at {str(old)!r}; restore it with "
-                f"`python -c \"from hf_slicegpt.io import recover; recover('{directory}')\"` or rerun the write"
+                f"`python -c \"from hf_slicegpt.checkpoint.io import recover; recover('{directory}')\"` or rerun the write"
             )
         raise CheckpointValidationError(f"checkpoint directory {_where(directory)} does not exist")
     if not directory.is_dir():

@@ -27,7 +27,7 @@ from ._common import (
 )
 
 # Sub-command modules, in the order ``--help`` lists them. Add a module name here to add a sub-command.
-SUBCOMMANDS: list[str] = ["slice", "eval", "generate", "info", "demo", "rft", "push"]
+SUBCOMMANDS: list[str] = ["slice", "eval", "generate", "info", "demo", "rft", "push", "export"]
 
 logger = logging.getLogger(__name__)
 

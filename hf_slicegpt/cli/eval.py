@@ -3,7 +3,7 @@
 With several models (say, one checkpoint per sparsity) ``--plot FILE`` draws perplexity against the sparsity
 each one's config records (0 for a dense model): the picture for choosing a sparsity.
 
-``--tasks piqa,winogrande,...`` adds zero-shot accuracy through lm-eval (:mod:`hf_slicegpt.zeroshot`), with or
+``--tasks piqa,winogrande,...`` adds zero-shot accuracy through lm-eval (:mod:`hf_slicegpt.workflows.zeroshot`), with or
 without ``--data``.
 """
 
@@ -135,7 +135,7 @@ def register(subparsers: Any) -> None:
 
 
 def add_zero_shot_options(parser: argparse.ArgumentParser) -> None:
-    """``--tasks`` and friends: zero-shot accuracy with lm-eval (hf_slicegpt.zeroshot)."""
+    """``--tasks`` and friends: zero-shot accuracy with lm-eval (hf_slicegpt.workflows.zeroshot)."""
     group = parser.add_argument_group("zero-shot accuracy (lm-eval)")
     group.add_argument(
         "--tasks",

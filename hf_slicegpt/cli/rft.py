@@ -20,7 +20,7 @@ from ._common import add_model_options, add_parser, add_text_source_options, pos
 
 logger = logging.getLogger("hf_slicegpt.cli")
 
-# The library's defaults (hf_slicegpt.rft.RFTConfig), repeated here so that `--help` needs no torch import;
+# The library's defaults (hf_slicegpt.workflows.rft.RFTConfig), repeated here so that `--help` needs no torch import;
 # tests/test_rft.py checks that they agree.
 DEFAULTS: dict[str, Any] = {
     "r": 32,

@@ -2,7 +2,7 @@
 
 Under ``torchrun --nproc-per-node N`` (or ``accelerate launch``) every process runs the same ``slice``. Each
 computes the layers on its own share of the calibration batches; the covariance sums are all-reduced before
-each eigendecomposition (:meth:`hf_slicegpt.pca.Covariance.all_reduce`), so every rank derives the same basis
+each eigendecomposition (:meth:`hf_slicegpt.slicing.pca.Covariance.all_reduce`), so every rank derives the same basis
 and holds the same sliced weights; rank 0 writes the checkpoint. Nothing here is needed on one process: every
 helper is a no-op when ``torch.distributed`` is not initialised.
 """

@@ -10,7 +10,7 @@
 
 Peak memory is then the embeddings and head, one block, and the activations, whatever the depth. The shards are
 written into a staging directory beside the output (``.NAME.partial``), which is also the resumable state
-(:mod:`hf_slicegpt.resume`), and renamed into place when complete. The result is tensor-for-tensor the
+(:mod:`hf_slicegpt.runtime.resume`), and renamed into place when complete. The result is tensor-for-tensor the
 checkpoint that ``slice_model`` + ``save_pretrained`` write.
 """
 

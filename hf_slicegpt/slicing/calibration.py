@@ -34,7 +34,7 @@ def calibration_batches(calibration: Any, batch_size: int, vocab_size: int) -> l
     elif isinstance(calibration, (str, bytes, Mapping)) or not isinstance(calibration, Iterable):
         raise SlicingError(
             f"calibration must be a LongTensor of token ids (N, L) or an iterable of batches with 'input_ids', "
-            f"got {type(calibration).__name__}; tokenize text first (see hf_slicegpt.data.calibration_tokens)"
+            f"got {type(calibration).__name__}; tokenize text first (see hf_slicegpt.workflows.data.calibration_tokens)"
         )
     else:
         batches = []

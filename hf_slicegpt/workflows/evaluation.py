@@ -57,7 +57,7 @@ def perplexity(
 
     Args:
         model: a causal LM returning ``.logits`` of shape ``(batch, seq_len, vocab)``.
-        input_ids: token windows, e.g. from :func:`hf_slicegpt.data.evaluation_tokens`.
+        input_ids: token windows, e.g. from :func:`hf_slicegpt.workflows.data.evaluation_tokens`.
         batch_size: windows per forward pass.
         device: where to run; defaults to the model's device.
         show_progress: show a tqdm bar over batches.

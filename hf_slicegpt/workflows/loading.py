@@ -146,7 +146,7 @@ def source_provenance(source: str | os.PathLike) -> dict[str, Any]:
     A sliced checkpoint keeps this in ``config.json`` (``provenance``), so its card can say, after any re-save,
     that the weights were (say) dequantised from a Q4_1 GGUF, and that the dense figures describe that copy.
     """
-    from .hub import KNOWN_BASE_MODELS, base_model_license, hub_base_model
+    from ..checkpoint.hub import KNOWN_BASE_MODELS, base_model_license, hub_base_model
 
     original = str(source)
     resolved = resolve_source(original)

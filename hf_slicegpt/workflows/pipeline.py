@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,12 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             from ..checkpoint.validation import missing_tokenizer_error
 
             raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
+    if job.export == "native":  # widths the family and llama.cpp can run, before any slicing
+        from ..checkpoint.export import native_round_to
+
+        # The default round_to (8) becomes lcm(8, heads); any other is checked, and refused with the fix.
+        asked = None if job.config.round_to == 8 else job.config.round_to
+        job.config = replace(job.config, round_to=native_round_to(model.config, job.config.sparsity, asked))
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):

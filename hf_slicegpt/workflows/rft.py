@@ -134,7 +134,7 @@ class RFTConfig:
     Example:
 
     ```python
-    >>> from hf_slicegpt.rft import RFTConfig
+    >>> from hf_slicegpt.workflows.rft import RFTConfig
     >>> RFTConfig(max_steps=100, seq_len=256).lora_config(["q_proj", "v_proj"]).r
     32
     ```
@@ -341,7 +341,7 @@ def rft(
         eval_data: source or windows for perplexity before and after; default: the held-out part of
             ``train_data`` when it is a source.
         evaluate: ``False`` skips the perplexity measurements.
-        text_column, split, subset: how to read a Hub or tabular ``train_data`` (see :mod:`hf_slicegpt.data`).
+        text_column, split, subset: how to read a Hub or tabular ``train_data`` (see :mod:`hf_slicegpt.workflows.data`).
         checkpoint_dir: Trainer checkpoints for resuming (default: ``<output_dir>.rft-checkpoints``).
         resume: continue from the newest checkpoint in ``checkpoint_dir`` (starts fresh if there is none).
         keep_checkpoints: keep ``checkpoint_dir`` after success (default: removed).
