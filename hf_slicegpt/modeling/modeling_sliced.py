@@ -52,14 +52,38 @@ def _family_class(path: str | None) -> type[nn.Module] | None:
     return cls
 
 
+class SlicedReaderLinear(nn.Linear):
+    """An ``nn.Linear`` that reads a normed residual stream, and whose output the block may hand in precomputed.
+
+    The block computes every reader of one norm (and the shortcut on the same input) in one GEMM on the
+    un-normalised stream (see :meth:`SlicedDecoderLayer.fuse`); the family's attention/MLP module still calls
+    this linear, which then returns its slice of that product instead of multiplying again. Parameters, names
+    and ``state_dict`` are exactly an ``nn.Linear``'s, so checkpoints and PEFT (which wraps ``nn.Linear``) see
+    no difference.
+    """
+
+    precomputed: torch.Tensor | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self.precomputed
+        if out is None:
+            return super().forward(input)
+        self.precomputed = None
+        return out
+
+
 def _resize_linear(
-    parent: nn.Module, name: str, in_features: int | None = None, out_features: int | None = None
+    parent: nn.Module,
+    name: str,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    reader: bool = False,
 ):
     """Replace ``parent.<name>`` by a linear with the sliced residual-side width."""
     old = parent.get_submodule(name)
     if not isinstance(old, nn.Linear):
         raise TypeError(f"{type(parent).__name__}.{name} is a {type(old).__name__}, expected nn.Linear")
-    new = nn.Linear(
+    new = (SlicedReaderLinear if reader else nn.Linear)(
         old.in_features if in_features is None else in_features,
         old.out_features if out_features is None else out_features,
         bias=old.bias is not None,
@@ -256,6 +280,11 @@ class SlicedRMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps)
         return x.to(dtype)
 
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``1 / rms(x)`` per token, shape ``(..., 1)``: the norm is weightless, so ``N(x) W = (x W) / rms(x)``."""
+        x = hidden_states.to(torch.float32)
+        return torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps).to(hidden_states.dtype)
+
     def extra_repr(self) -> str:
         return f"divisor={self.divisor}, eps={self.eps}"
 
@@ -265,7 +294,7 @@ class SlicedFeedForward(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, out_features: int, activation: str, bias: bool):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden, bias=bias)
+        self.fc1 = SlicedReaderLinear(in_features, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out_features, bias=bias)
         self.act = ACT2FN[activation]
 
@@ -273,11 +302,63 @@ class SlicedFeedForward(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
+class _FusedGroup:
+    """One norm's readers (and the shortcut on the same input) as one matrix whose rows the modules' weights view.
+
+    ``weight`` is ``[W_readers; S]`` (``nn.Linear`` layout, rows = outputs). After fusing, each module's
+    ``weight`` (and each reader's ``bias``) is a view of it, so the model holds every weight once and in-place
+    updates (``load_state_dict``, merging an adapter) reach the fused matrix too. ``pointers`` records where
+    those views start: when a parameter has been moved or replaced since (``.to()``, ``assign=True``), they
+    differ and the group is fused again.
+    """
+
+    __slots__ = ("weight", "bias", "sizes", "reader_rows", "pointers")
+
+    def __init__(self, weight, bias, sizes, reader_rows, pointers):
+        self.weight: torch.Tensor = weight
+        self.bias: torch.Tensor | None = bias
+        self.sizes: list[int] = sizes
+        self.reader_rows: int = reader_rows
+        self.pointers: tuple[int, ...] = pointers
+
+
+def _group_pointers(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in weights) + tuple(t.data_ptr() for t in biases)
+
+
+def _fusable(readers: list[nn.Module], shortcut: nn.Module | None) -> bool:
+    """True when every module is still the plain one this file built (not wrapped by PEFT, a quantizer or
+    an offloading hook) and their weights can share one matrix."""
+    if not readers or any(type(m) is not SlicedReaderLinear for m in readers):
+        return False
+    if shortcut is not None and type(shortcut) is not nn.Linear:
+        return False
+    modules = readers + ([shortcut] if shortcut is not None else [])
+    if any(hasattr(m, "_hf_hook") for m in modules):
+        return False
+    if len({m.bias is None for m in readers}) != 1:
+        return False
+    weight = readers[0].weight
+    return all(
+        m.weight.device == weight.device and m.weight.dtype == weight.dtype and m.weight.device.type != "meta"
+        for m in modules
+    )
+
+
 class SlicedDecoderLayer(GradientCheckpointingLayer):
     """A pre-norm block around the family's attention and MLP, with shortcut matrices on its residuals.
 
     Sequential: ``h = x S_attn + Attn(N(x))``; ``y = h S_mlp + MLP(N(h))``.
     Parallel:   ``y = x S + Attn(N(x)) + MLP(N(x))``.
+
+    At inference (gradients off, not under ``torch.compile``) the block runs *fused*: the norm is weightless, so
+    ``N(x) W = (x W) / rms(x)``, and all readers of one norm plus the shortcut on the same input are one GEMM on
+    the un-normalised stream, ``x [W_q; W_k; W_v; S]^T``, whose reader columns are then scaled by ``1 / rms(x)``
+    (and get their bias). The family's modules receive their slices of that product through
+    :class:`SlicedReaderLinear`. This saves a GEMM launch and a read of ``x`` per shortcut and the normed copy of
+    ``x`` per norm. The weights are fused on first use; the checkpoint format and parameter names do not change.
+    The plain path runs whenever gradients are on, under ``torch.compile``, when PEFT or anything else wraps
+    one of these linears, or when ``fused_inference`` is ``False``.
     """
 
     def __init__(self, config: SlicedConfig, layer_idx: int):
@@ -285,6 +366,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         family = config.family_config
         self.layer_idx = layer_idx
         self.parallel = config.topology == "parallel"
+        self.fused_inference = True
+        self._fused: dict[str, _FusedGroup] = {}
         d_in = config.attn_input_dims[layer_idx]
         d_out = config.layer_output_dim(layer_idx)
         d_mid = d_in if self.parallel else config.mlp_input_dims[layer_idx]
@@ -293,8 +376,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
         self.self_attn = _family_class(config.attention_class)(config=family, layer_idx=layer_idx)
         self.cache_kwarg = config.attention_cache_kwarg
+        self._attn_readers = list(config.attn_input_names)
         for name in config.attn_input_names:
-            _resize_linear(self.self_attn, name, in_features=d_in)
+            _resize_linear(self.self_attn, name, in_features=d_in, reader=True)
         _resize_linear(self.self_attn, config.attn_output_name, out_features=attn_writes)
 
         mlp_cls = _family_class(config.mlp_class)
@@ -302,10 +386,12 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self.mlp = SlicedFeedForward(
                 d_mid, family.ffn_dim, d_out, config.mlp_activation, bias=getattr(family, "enable_bias", True)
             )
+            self._mlp_readers = ["fc1"]
         else:
             self.mlp = mlp_cls(family)
+            self._mlp_readers = list(config.mlp_input_names)
             for name in config.mlp_input_names:
-                _resize_linear(self.mlp, name, in_features=d_mid)
+                _resize_linear(self.mlp, name, in_features=d_mid, reader=True)
             _resize_linear(self.mlp, config.mlp_output_name, out_features=d_out)
 
         self.attn_shortcut = (
@@ -319,6 +405,99 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self.mlp_shortcut = (
                 nn.Linear(d_mid, d_out, bias=False) if config.mlp_shortcuts[layer_idx] else None
             )
+
+    # -- fused inference ----------------------------------------------------------------------------------------
+
+    def _group_modules(self, group: str) -> tuple[list[nn.Module], nn.Module | None]:
+        """The readers of one norm (looked up each time: PEFT may have replaced them) and its shortcut."""
+        readers = [self.self_attn.get_submodule(name) for name in self._attn_readers]
+        if group == "attn" and not self.parallel:
+            return readers, self.attn_shortcut
+        mlp = [self.mlp.get_submodule(name) for name in self._mlp_readers]
+        if group == "mlp":
+            return mlp, self.mlp_shortcut
+        return readers + mlp, self.attn_shortcut
+
+    def _fuse_group(self, readers: list[nn.Module], shortcut: nn.Module | None) -> _FusedGroup:
+        """Concatenate the weights into one matrix and make every parameter a view of it (memory-neutral)."""
+        weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
+        biases = [m.bias for m in readers if m.bias is not None]
+        # Outside inference mode, so that the parameters stay usable for training afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            fused = torch.cat([w.detach() for w in weights], 0)
+            start = 0
+            for w in weights:
+                w.data = fused[start : start + w.shape[0]]
+                start += w.shape[0]
+            fused_bias = None
+            if biases:
+                fused_bias = torch.cat([b.detach() for b in biases], 0)
+                start = 0
+                for b in biases:
+                    b.data = fused_bias[start : start + b.shape[0]]
+                    start += b.shape[0]
+        sizes = [m.weight.shape[0] for m in readers]
+        return _FusedGroup(fused, fused_bias, sizes, sum(sizes), _group_pointers(weights, biases))
+
+    def _fused_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
+        """The fused matrix of ``group`` (fusing it first if needed), or ``None`` where the plain path must run."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.fused_inference:
+            return None
+        readers, shortcut = self._group_modules(group)
+        for module in readers:
+            if type(module) is nn.Linear:  # modules handed over by the slicer: same state, one more ability
+                module.__class__ = SlicedReaderLinear
+        if not _fusable(readers, shortcut):
+            self._fused.pop(group, None)
+            return None
+        entry = self._fused.get(group)
+        if entry is not None:
+            weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
+            if _group_pointers(weights, [m.bias for m in readers if m.bias is not None]) != entry.pointers:
+                entry = None
+        if entry is None:
+            self._fused.pop(group, None)  # drop a stale matrix before building the new one
+            entry = self._fused[group] = self._fuse_group(readers, shortcut)
+        return entry, readers
+
+    def fuse(self) -> None:
+        """Fuse now rather than on the first inference forward (a no-op where the plain path must run)."""
+        with torch.no_grad():
+            for group in ("block",) if self.parallel else ("attn", "mlp"):
+                self._fused_group(group)
+
+    def _run_fused(
+        self, fused: tuple[_FusedGroup, list[nn.Module]], hidden_states: torch.Tensor, norm: SlicedRMSNorm
+    ) -> torch.Tensor | None:
+        """One GEMM for the readers and the shortcut; hands each reader its output; returns ``x S`` (or None)."""
+        entry, readers = fused
+        product = nn.functional.linear(hidden_states, entry.weight)
+        reads = product[..., : entry.reader_rows]
+        reads.mul_(norm.inverse_rms(hidden_states))
+        if entry.bias is not None:
+            reads.add_(entry.bias)
+        start = 0
+        for module, size in zip(readers, entry.sizes):
+            module.precomputed = reads[..., start : start + size]
+            start += size
+        return product[..., entry.reader_rows :] if entry.weight.shape[0] > entry.reader_rows else None
+
+    @staticmethod
+    def _clear(readers: list[nn.Module]) -> None:
+        for module in readers:
+            module.precomputed = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/... give the parameters new storage: forget the fused matrix rather than hold it twice.
+        self._fused.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fused"] = {}
+        return state
+
+    # -- forward --------------------------------------------------------------------------------------------
 
     def _attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs.get("position_embeddings") is None:
@@ -346,14 +525,34 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        residual = hidden_states if self.attn_shortcut is None else self.attn_shortcut(hidden_states)
-        normed = self.input_layernorm(hidden_states)
-        attn_output = self._attention(normed, **attn_kwargs)
-        if self.parallel:
-            return residual + attn_output + self.mlp(normed)
+        fused = self._fused_group("block" if self.parallel else "attn")
+        if fused is None:
+            residual = hidden_states if self.attn_shortcut is None else self.attn_shortcut(hidden_states)
+            normed = self.input_layernorm(hidden_states)
+            attn_output = self._attention(normed, **attn_kwargs)
+            if self.parallel:
+                return residual + attn_output + self.mlp(normed)
+        else:
+            try:
+                shortcut = self._run_fused(fused, hidden_states, self.input_layernorm)
+                residual = hidden_states if shortcut is None else shortcut
+                # The readers return their precomputed slices; the attention uses its input only for its shape.
+                attn_output = self._attention(hidden_states, **attn_kwargs)
+                if self.parallel:
+                    return residual + attn_output + self.mlp(hidden_states)
+            finally:
+                self._clear(fused[1])
         hidden_states = residual + attn_output
-        residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
-        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        fused = self._fused_group("mlp")
+        if fused is None:
+            residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
+            return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        try:
+            shortcut = self._run_fused(fused, hidden_states, self.post_attention_layernorm)
+            residual = hidden_states if shortcut is None else shortcut
+            return residual + self.mlp(hidden_states)
+        finally:
+            self._clear(fused[1])
 
 
 class SlicedPreTrainedModel(PreTrainedModel):
@@ -556,6 +755,20 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(head_width, vocab, bias=config.lm_head_bias)
         self.post_init()
 
+    def fuse(self) -> SlicedModelForCausalLM:
+        """Fuse every block's readers and shortcuts now instead of on the first inference forward.
+
+        Memory-neutral (the parameters become views of the fused matrices) and invisible to ``state_dict``.
+        """
+        for layer in self.model.layers:
+            layer.fuse()
+        return self
+
+    def set_fused_inference(self, enabled: bool) -> None:
+        """Turn the fused inference path (see :class:`SlicedDecoderLayer`) on or off; both give the same logits."""
+        for layer in self.model.layers:
+            layer.fused_inference = bool(enabled)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
@@ -612,6 +825,7 @@ __all__ = [
     "SlicedModelForCausalLM",
     "SlicedPreTrainedModel",
     "SlicedDecoderLayer",
+    "SlicedReaderLinear",
     "SlicedRMSNorm",
     "check_checkpoint_weights",
     "checkpoint_mismatch_error",
