@@ -707,7 +707,9 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         lenient = bool(kwargs.get("ignore_mismatched_sizes", False))
         kwargs.setdefault("use_safetensors", True)
         if lenient:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return (
+                super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)._fuse_loaded()
+            )
         local = pretrained_model_name_or_path is not None and os.fspath(pretrained_model_name_or_path) != ""
         directory = Path(os.fspath(pretrained_model_name_or_path or "."), kwargs.get("subfolder") or "")
         if (
@@ -736,6 +738,7 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         ]
         if problems:
             raise checkpoint_mismatch_error(repr(str(pretrained_model_name_or_path)), problems)
+        model._fuse_loaded()
         return (model, info) if wants_info else model
 
     def __init__(self, config: SlicedConfig):
@@ -762,6 +765,34 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         """
         for layer in self.model.layers:
             layer.fuse()
+        return self
+
+    def _fuse_loaded(self) -> SlicedModelForCausalLM:
+        """Fuse right after loading, and give every other CPU tensor its own memory.
+
+        transformers maps the safetensors file into memory and the parameters view it. Fusing copies the readers
+        out of it, but the map stays resident while any tensor still views it, so the fused copies would come on
+        top of the file's pages (the sliced model's peak memory then exceeded the dense model's). Copying the
+        rest too releases the map: the loaded model then holds each weight once.
+        """
+        if not isinstance(self, SlicedModelForCausalLM) or not any(
+            p.device.type == "cpu" for p in self.parameters()
+        ):
+            return self
+        with torch.inference_mode(False), torch.no_grad():
+            self.fuse()
+            fused = {
+                ptr
+                for layer in self.model.layers
+                for entry in layer._fused.values()
+                for ptr in entry.pointers
+            }
+            if not fused:
+                return self
+            for module in self.modules():
+                for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() not in fused:
+                        tensor.data = tensor.data.clone()
         return self
 
     def set_fused_inference(self, enabled: bool) -> None:
