@@ -66,10 +66,14 @@ def test_fusing_is_memory_neutral_and_invisible_to_the_checkpoint(tmp_path) -> N
     model.fuse()
     layer = model.model.layers[0]
     entry = layer._fused["attn"]
-    rows = sum(m.weight.shape[0] for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+    rows = sum(
+        m.weight.shape[0] for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+    )
     # Each weight is a view of the fused matrix: one copy in memory, in the order [W_q; W_k; W_v; S].
     assert layer.self_attn.q_proj.weight.data_ptr() == entry.weight.data_ptr()
-    assert layer.attn_shortcut.weight.untyped_storage().data_ptr() == entry.weight.untyped_storage().data_ptr()
+    assert (
+        layer.attn_shortcut.weight.untyped_storage().data_ptr() == entry.weight.untyped_storage().data_ptr()
+    )
     assert entry.weight.shape[0] == rows + layer.attn_shortcut.weight.shape[0]
     after = model.state_dict()
     assert after.keys() == before.keys()
@@ -83,6 +87,30 @@ def test_fusing_is_memory_neutral_and_invisible_to_the_checkpoint(tmp_path) -> N
     }
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert _fused_groups(reloaded) == 2 * len(reloaded.model.layers)  # fused at load
+    ids = calibration(2, 10, seed=3)
+    with torch.no_grad():
+        assert _relative(reloaded(ids).logits, model(ids).logits) < RTOL
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_from_pretrained_fuses_from_the_file(tmp_path, shard: str | None) -> None:
+    """The fused matrices are read from the safetensors file (one file or shards), not from its memory map."""
+    model = _sliced("qwen2")  # reader biases too
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for layer, original in zip(reloaded.model.layers, model.model.layers):
+        entry = layer._fused["attn"]
+        attn = original.self_attn
+        expected = torch.cat(
+            [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, original.attn_shortcut.weight]
+        )
+        assert torch.equal(entry.weight, expected)
+        assert torch.equal(entry.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+        assert (
+            layer.self_attn.v_proj.bias.untyped_storage().data_ptr()
+            == entry.bias.untyped_storage().data_ptr()
+        )
     ids = calibration(2, 10, seed=3)
     with torch.no_grad():
         assert _relative(reloaded(ids).logits, model(ids).logits) < RTOL

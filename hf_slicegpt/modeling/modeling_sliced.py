@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,84 @@ def checkpoint_weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[in
             )
         shapes.update(read_safetensors_shapes(shard_path))
     return shapes
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+WeightReader = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+class SafetensorsReader:
+    """Reads single tensors of a safetensors checkpoint (one file or shards) with ``pread``, not a memory map.
+
+    A callable ``read(name, like)``: the tensor ``name`` converted to ``like``'s dtype, or ``None`` when the
+    checkpoint does not hold it with ``like``'s shape (the caller then uses the parameter's own values).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = Path(directory)
+        files = [directory / WEIGHTS_NAME]
+        index = directory / WEIGHTS_INDEX_NAME
+        if not files[0].is_file() and index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                shards = set()
+            files = [
+                directory / str(shard) for shard in sorted(shards) if Path(str(shard)).name == str(shard)
+            ]
+        self._entries: dict[str, tuple[Any, str, tuple[int, ...], int, int]] = {}
+        self._handles = []
+        for path in files:
+            if not path.is_file():
+                continue
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            self._handles.append(handle)
+            try:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        begin, end = (int(x) for x in info["data_offsets"])
+                        shape = tuple(int(d) for d in info["shape"])
+                        self._entries[name] = (
+                            handle,
+                            info["dtype"],
+                            shape,
+                            8 + header_len + begin,
+                            end - begin,
+                        )
+            except (ValueError, KeyError, TypeError, struct.error):
+                continue  # damaged: the parameters' own values are used
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        handle, dtype_name, shape, offset, size = entry
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None or shape != tuple(like.shape) or size != like.numel() * dtype.itemsize:
+            return None
+        buffer = bytearray(size)
+        if os.preadv(handle.fileno(), [buffer], offset) != size:
+            return None
+        return torch.frombuffer(buffer, dtype=dtype).view(shape).to(like.dtype)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def expected_weight_shapes(config: SlicedConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
@@ -418,28 +497,56 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             return mlp, self.mlp_shortcut
         return readers + mlp, self.attn_shortcut
 
-    def _fuse_group(self, readers: list[nn.Module], shortcut: nn.Module | None) -> _FusedGroup:
-        """Concatenate the weights into one matrix and make every parameter a view of it (memory-neutral)."""
-        weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
-        biases = [m.bias for m in readers if m.bias is not None]
+    def _group_names(self, group: str) -> tuple[list[str], str | None]:
+        """Module paths (relative to this layer) of ``group``'s readers, and of its shortcut."""
+        attn = [f"self_attn.{name}" for name in self._attn_readers]
+        mlp = [f"mlp.{name}" for name in self._mlp_readers]
+        if group == "attn":
+            return attn, "attn_shortcut" if self.attn_shortcut is not None else None
+        if group == "mlp":
+            return mlp, "mlp_shortcut" if self.mlp_shortcut is not None else None
+        return attn + mlp, "attn_shortcut" if self.attn_shortcut is not None else None
+
+    def _fuse_group(
+        self, group: str, readers: list[nn.Module], shortcut: nn.Module | None, read: WeightReader | None
+    ) -> _FusedGroup:
+        """Concatenate the weights into one matrix and make every parameter a view of it (memory-neutral).
+
+        ``read(name, like)`` may supply a tensor's values from the checkpoint file instead of the parameter: after
+        ``from_pretrained`` the parameters view a memory map of the file, and copying them out of it would leave
+        their pages resident beside the fused copy.
+        """
+        reader_names, shortcut_name = self._group_names(group)
+        prefix = f"model.layers.{self.layer_idx}."
+        names = reader_names + ([shortcut_name] if shortcut_name else [])
+        modules = readers + ([shortcut] if shortcut is not None else [])
+        weights = [m.weight for m in modules]
+        biases = [(f"{prefix}{n}.bias", m.bias) for n, m in zip(reader_names, readers) if m.bias is not None]
+
+        def concatenate(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+            first = tensors[0][1]
+            fused = torch.empty((sum(t.shape[0] for _, t in tensors), *first.shape[1:]), dtype=first.dtype)
+            fused = fused.to(first.device)
+            start = 0
+            for name, tensor in tensors:
+                values = read(name, tensor) if read is not None else None
+                fused[start : start + tensor.shape[0]].copy_(tensor.detach() if values is None else values)
+                tensor.data = fused[start : start + tensor.shape[0]]
+                start += tensor.shape[0]
+            return fused
+
         # Outside inference mode, so that the parameters stay usable for training afterwards.
         with torch.inference_mode(False), torch.no_grad():
-            fused = torch.cat([w.detach() for w in weights], 0)
-            start = 0
-            for w in weights:
-                w.data = fused[start : start + w.shape[0]]
-                start += w.shape[0]
-            fused_bias = None
-            if biases:
-                fused_bias = torch.cat([b.detach() for b in biases], 0)
-                start = 0
-                for b in biases:
-                    b.data = fused_bias[start : start + b.shape[0]]
-                    start += b.shape[0]
+            fused = concatenate([(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)])
+            fused_bias = concatenate(biases) if biases else None
         sizes = [m.weight.shape[0] for m in readers]
-        return _FusedGroup(fused, fused_bias, sizes, sum(sizes), _group_pointers(weights, biases))
+        return _FusedGroup(
+            fused, fused_bias, sizes, sum(sizes), _group_pointers(weights, [b for _, b in biases])
+        )
 
-    def _fused_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
+    def _fused_group(
+        self, group: str, read: WeightReader | None = None
+    ) -> tuple[_FusedGroup, list[nn.Module]] | None:
         """The fused matrix of ``group`` (fusing it first if needed), or ``None`` where the plain path must run."""
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.fused_inference:
             return None
@@ -457,14 +564,14 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
                 entry = None
         if entry is None:
             self._fused.pop(group, None)  # drop a stale matrix before building the new one
-            entry = self._fused[group] = self._fuse_group(readers, shortcut)
+            entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
         return entry, readers
 
-    def fuse(self) -> None:
+    def fuse(self, read: WeightReader | None = None) -> None:
         """Fuse now rather than on the first inference forward (a no-op where the plain path must run)."""
         with torch.no_grad():
             for group in ("block",) if self.parallel else ("attn", "mlp"):
-                self._fused_group(group)
+                self._fused_group(group, read)
 
     def _run_fused(
         self, fused: tuple[_FusedGroup, list[nn.Module]], hidden_states: torch.Tensor, norm: SlicedRMSNorm
@@ -631,7 +738,8 @@ class SlicedModel(SlicedPreTrainedModel):
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_seen = cache.get_seq_length() if cache is not None else 0
+        # Read only when needed: a static cache's length is a Python int that torch.compile would guard on.
+        past_seen = cache.get_seq_length() if cache is not None and position_ids is None else 0
 
         if self.embed_positions is not None:
             # Learned absolute positions count only real tokens, so left padding does not shift them.
@@ -707,9 +815,7 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         lenient = bool(kwargs.get("ignore_mismatched_sizes", False))
         kwargs.setdefault("use_safetensors", True)
         if lenient:
-            return (
-                super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)._fuse_loaded()
-            )
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         local = pretrained_model_name_or_path is not None and os.fspath(pretrained_model_name_or_path) != ""
         directory = Path(os.fspath(pretrained_model_name_or_path or "."), kwargs.get("subfolder") or "")
         if (
@@ -738,7 +844,8 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         ]
         if problems:
             raise checkpoint_mismatch_error(repr(str(pretrained_model_name_or_path)), problems)
-        model._fuse_loaded()
+        if local and kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            model._fuse_loaded(directory)
         return (model, info) if wants_info else model
 
     def __init__(self, config: SlicedConfig):
@@ -758,41 +865,29 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(head_width, vocab, bias=config.lm_head_bias)
         self.post_init()
 
-    def fuse(self) -> SlicedModelForCausalLM:
+    def fuse(self, read: WeightReader | None = None) -> SlicedModelForCausalLM:
         """Fuse every block's readers and shortcuts now instead of on the first inference forward.
 
         Memory-neutral (the parameters become views of the fused matrices) and invisible to ``state_dict``.
         """
         for layer in self.model.layers:
-            layer.fuse()
+            layer.fuse(read)
         return self
 
-    def _fuse_loaded(self) -> SlicedModelForCausalLM:
-        """Fuse right after loading, and give every other CPU tensor its own memory.
+    def _fuse_loaded(self, directory: Path | None = None) -> SlicedModelForCausalLM:
+        """Fuse right after ``from_pretrained``, reading the fused weights from the checkpoint file.
 
-        transformers maps the safetensors file into memory and the parameters view it. Fusing copies the readers
-        out of it, but the map stays resident while any tensor still views it, so the fused copies would come on
-        top of the file's pages (the sliced model's peak memory then exceeded the dense model's). Copying the
-        rest too releases the map: the loaded model then holds each weight once.
+        transformers memory-maps the safetensors file and the parameters view the map, whose pages become
+        resident as they are touched. Copying the readers out of the map would keep their pages resident beside
+        the fused copies (the sliced model's peak memory then exceeded the dense one's); reading them from the
+        file with ``pread`` goes through the page cache instead, so each weight is held once.
         """
-        if not isinstance(self, SlicedModelForCausalLM) or not any(
-            p.device.type == "cpu" for p in self.parameters()
-        ):
+        if not isinstance(self, SlicedModelForCausalLM) or directory is None or not directory.is_dir():
+            return self  # fused on the first inference forward
+        if any(p.device.type != "cpu" for p in self.parameters()):
             return self
-        with torch.inference_mode(False), torch.no_grad():
-            self.fuse()
-            fused = {
-                ptr
-                for layer in self.model.layers
-                for entry in layer._fused.values()
-                for ptr in entry.pointers
-            }
-            if not fused:
-                return self
-            for module in self.modules():
-                for tensor in list(module._parameters.values()) + list(module._buffers.values()):
-                    if tensor is not None and tensor.device.type == "cpu" and tensor.data_ptr() not in fused:
-                        tensor.data = tensor.data.clone()
+        with SafetensorsReader(directory) as read, torch.inference_mode(False), torch.no_grad():
+            self.fuse(read)
         return self
 
     def set_fused_inference(self, enabled: bool) -> None:
