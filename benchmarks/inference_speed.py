@@ -1,22 +1,32 @@
-"""Inference speed-up of sliced SmolLM2 against dense: prefill throughput, decode tokens/s, peak memory.
+"""Inference speed and memory of sliced SmolLM2 against dense, with a protocol that holds on a noisy machine.
 
-Each figure is set against the FLOP-ideal speed-up: dense FLOPs / sliced FLOPs of the same forward, counted by
-``torch.utils.flop_counter`` on the models as they run (so it is "what slicing removes minus what the
-shortcuts and embedding/head projections add"). Target: the prefill speed-up reaches >= 90% of it.
+Every figure is set against the FLOP ideal of its shape: ``ideal = dense FLOPs / sliced FLOPs`` of the same
+forward, counted by ``torch.utils.flop_counter`` on the models as they run (so the shortcuts and the embedding/head
+projections that slicing adds are in it). The headline is the *realised share of the ideal gain*,
+``(measured - 1) / (ideal - 1)``: 100% means the sliced model is exactly as much faster as its FLOPs allow.
 
+Protocol:
+
+- all models are loaded in one process, threads pinned (``--threads``, default 1), and timed round-robin: each
+  round runs dense and every sliced model once, in an order rotated from round to round, so a machine whose
+  load drifts affects each alike; ``--repeats`` rounds (>= 7) after one warm-up round;
+- per model: the median time and its spread (min-max and IQR); per sliced model: the speed-up of the medians,
+  the median of the per-round paired speed-ups (dense time / sliced time in the same round) with their min-max,
+  and the realised share of both;
 - prefill: ``batch x seq_len`` tokens in one forward with the KV cache on and logits for the last position, as
-  ``generate`` runs it (default CPU 8 x 512; CUDA 32 x 512);
-- decode: tokens/s at batch 1 with the KV cache, after a 128-token prompt;
-- peak memory: CPU peak RSS (``VmHWM``) of a fresh process that loads the model and runs one prefill; CUDA
-  ``max_memory_allocated``. (Not ``ru_maxrss``: on Linux a child inherits the parent's peak across exec.)
+  ``generate`` runs it (``--shapes``, default 8x512 1x1024 8x256);
+- decode: batch 1, a static KV cache and ``torch.compile`` for dense and sliced alike, greedy tokens/s after a
+  ``--prompt-len`` prompt (the prompt's prefill is not timed);
+- peak memory: ``VmHWM`` of a fresh process per model that loads it with ``from_pretrained`` and runs one prefill
+  of the first shape. Target: sliced peak <= dense peak - weights saved + 5% of the dense peak.
 
-All models are loaded in one process and timed round-robin (dense, 20%, 25%, 30%, dense, ...), so a machine
-whose load drifts affects each alike; figures are medians. Sliced models are made here with a small calibration
-set (speed does not depend on it), or read from ``--checkpoints``.
+Models: ``--dense DIR`` and ``--checkpoints DIR ...`` (sliced checkpoints in the plugin format, or native exports);
+each is labelled by its slicing mode (``layer``, ``global``, ``native``) and sparsity. Without them, the script
+slices SmolLM2 here (``--modes``, ``--sparsities``; 16 x 512 pydocs windows: speed does not depend on them).
 
-    .venv/bin/python benchmarks/inference_speed.py --json benchmarks/results/inference_speed_cpu.json
-    .venv/bin/python benchmarks/inference_speed.py --device cuda --json benchmarks/results/inference_speed_cuda.json
-    .venv/bin/python benchmarks/inference_speed.py --batch 2 --seq-len 64 --decode-tokens 8 --repeats 1  # smoke
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_speed.py --json benchmarks/results/inference_speed_cpu.json
+    .venv/bin/python benchmarks/inference_speed.py --device cuda --dtype bfloat16 --shapes 1x512 8x512 64x512
+    .venv/bin/python benchmarks/inference_speed.py --shapes 2x64 --repeats 2 --decode-tokens 4 --no-compile  # smoke
 """
 
 from __future__ import annotations
@@ -35,16 +45,16 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StaticCache
 
 import hf_slicegpt
 from hf_slicegpt.workflows.data import calibration_tokens
-from hf_slicegpt.workflows.loading import load_model_and_tokenizer, resolve_source
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
 logger = logging.getLogger("inference_speed")
 
 _PEAK_CHILD = """
-import json, resource, sys, torch, hf_slicegpt
+import json, sys, torch, hf_slicegpt
 from transformers import AutoModelForCausalLM
 path, batch, seq_len, threads, dtype, vocab = sys.argv[1:7]
 torch.set_num_threads(int(threads))
@@ -52,9 +62,8 @@ model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).
 ids = torch.randint(0, int(vocab), (int(batch), int(seq_len)), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
-hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM:")]
-peak = int(hwm[0].split()[1]) * 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"max_rss_bytes": peak}))
+status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}
+print(json.dumps({"peak_rss_bytes": status["VmHWM"], "rss_bytes": status["VmRSS"]}))
 """
 
 
@@ -63,199 +72,324 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def label(path: Path) -> str:
+    """``layer-25%``, ``global-25%`` or ``native-25%`` from a checkpoint's config; ``dense`` otherwise."""
+    config = json.loads((path / "config.json").read_text())
+    slicing = config.get("slicing") or {}
+    if "sparsity" not in slicing:
+        return path.name  # a native export carries no slicing record: name it with NAME=DIR
+    mode = slicing.get("rotation", "layer")
+    return f"{mode}-{slicing['sparsity']:.0%}"
+
+
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
 @torch.no_grad()
-def decode(model, prompt: torch.Tensor, tokens: int, device: torch.device) -> float:
-    """Seconds for ``tokens`` greedy single-token steps with the KV cache, after the prompt's prefill."""
-    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    token = out.logits[:, -1:].argmax(-1)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(tokens):
-        out = model(input_ids=token, cache=cache, use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        token = out.logits[:, -1:].argmax(-1)
-    sync(device)
-    return time.perf_counter() - start
-
-
-@torch.no_grad()
-def flops(model, ids: torch.Tensor, **kwargs) -> int:
+def prefill_flops(model, ids: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter:
-        model(input_ids=ids, **kwargs)
+        prefill(model, ids)
     return counter.get_total_flops()
 
 
-def decode_flops(model, prompt: torch.Tensor) -> int:
-    """FLOPs of one decode step after ``prompt`` (the attention reads the prompt's cache)."""
-    with torch.no_grad():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return flops(model, prompt[:, -1:], cache=cache, use_cache=True)
+class Decoder:
+    """Batch-1 greedy decode with a static KV cache; the step is ``torch.compile``-d (unless ``compile=False``)."""
+
+    def __init__(self, model, prompt_len: int, tokens: int, device: torch.device, compile: bool):
+        self.model, self.prompt_len, self.tokens, self.device = model, prompt_len, tokens, device
+        self.cache = StaticCache(config=model.config, max_cache_len=prompt_len + tokens + 1)
+        self.step = torch.compile(model, dynamic=False, fullgraph=False) if compile else model
+
+    @torch.no_grad()
+    def _prompt(self, prompt: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        positions = torch.arange(prompt.shape[1], device=self.device)[None]
+        out = self.model(
+            input_ids=prompt, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[:, -1:].argmax(-1)
+
+    @torch.no_grad()
+    def run(self, prompt: torch.Tensor) -> tuple[float, float]:
+        """Wall and CPU seconds for ``tokens`` single-token steps after the (untimed) prompt."""
+        token = self._prompt(prompt)
+        sync(self.device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i in range(self.tokens):
+            position = torch.full((1, 1), self.prompt_len + i, device=self.device, dtype=torch.long)
+            out = self.step(input_ids=token, position_ids=position, cache=self.cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        sync(self.device)
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    @torch.no_grad()
+    def flops(self, prompt: torch.Tensor) -> int:
+        """FLOPs of one decode step after the prompt (the attention reads the prompt's cache), eager."""
+        token = self._prompt(prompt)
+        position = torch.full((1, 1), self.prompt_len, device=self.device, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            self.model(input_ids=token, position_ids=position, cache=self.cache, use_cache=True)
+        return counter.get_total_flops()
 
 
-def parameter_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def spread(values: list[float]) -> dict[str, float]:
+    quartiles = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+    }
+
+
+def realised(speedup: float, ideal: float) -> float:
+    return (speedup - 1) / (ideal - 1) if ideal != 1 else float("nan")
+
+
+def round_robin(models: dict, run, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """``repeats`` rounds of ``run(name, model)``, every model once per round, in an order rotated each round.
+
+    Returns wall-clock and process CPU seconds per model. With one pinned thread, CPU time is the work the
+    process did, which a machine shared with other jobs inflates far less than wall time (it still feels the
+    caches and memory bandwidth that other jobs take).
+    """
+    names = list(models)
+    times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
+    for rep in range(-1, repeats):  # round -1 warms up (and compiles)
+        order = names[rep % len(names) :] + names[: rep % len(names)] if rep >= 0 else names
+        for name in order:
+            wall, cpu = time.perf_counter(), time.process_time()
+            run(name, models[name])
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if rep >= 0:
+                times["wall"][name].append(wall)
+                times["cpu"][name].append(cpu)
+        if rep >= 0:
+            logger.info("round %d wall: %s", rep, {n: round(t[-1], 3) for n, t in times["wall"].items()})
+    return times
+
+
+def summarise(times: dict[str, list[float]], work: dict[str, int], per: float) -> dict[str, dict]:
+    """Per model: time spread, throughput, speed-ups (of medians, and paired per round) and realised shares."""
+    dense = times["dense"]
+    rows = {}
+    for name, values in times.items():
+        row = {"seconds": spread(values), "throughput": per / statistics.median(values), "flops": work[name]}
+        ideal = work["dense"] / work[name]
+        paired = [d / s for d, s in zip(dense, values)]
+        row.update(
+            ideal=ideal,
+            speedup=statistics.median(dense) / statistics.median(values),
+            paired_speedup=spread(paired),
+        )
+        row["realised"] = realised(row["speedup"], ideal)
+        row["paired_realised"] = realised(row["paired_speedup"]["median"], ideal)
+        rows[name] = row
+    return rows
+
+
+def table(title: str, rows: dict[str, dict], unit: str) -> str:
+    lines = [
+        f"\n{title}\n",
+        f"| model | {unit} (median) | time s: median [min-max] | speed-up (medians) | paired speed-up: "
+        "median [min-max] | FLOP ideal | realised share (medians / paired) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        s, p = row["seconds"], row["paired_speedup"]
+        share = "" if name == "dense" else f"{row['realised']:.0%} / {row['paired_realised']:.0%}"
+        lines.append(
+            f"| {name} | {row['throughput']:.1f} | {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}] | "
+            f"{row['speedup']:.3f}x | {p['median']:.3f}x [{p['min']:.3f}-{p['max']:.3f}] | {row['ideal']:.3f}x | "
+            f"{share} |"
+        )
+    return "\n".join(lines)
+
+
+def prepare_models(args, work: Path) -> dict[str, Path]:
+    """Checkpoint directories by label: the given ones, or SmolLM2 saved and sliced here."""
+    if args.dense:
+        paths = {"dense": Path(args.dense)}
+    else:
+        dense, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
+        paths = {"dense": work / "dense"}
+        dense.save_pretrained(paths["dense"])
+        del dense
+    if args.checkpoints:
+        for spec in args.checkpoints:
+            name, _, path = spec.rpartition("=")
+            paths[name or label(Path(path))] = Path(path)
+        return paths
+    _, tokenizer = load_model_and_tokenizer(str(paths["dense"]), dtype="float32")
+    calibration = calibration_tokens(tokenizer, "pydocs", num_samples=16, seq_len=512, seed=42)
+    for mode in args.modes:
+        for sparsity in args.sparsities:
+            model, _ = load_model_and_tokenizer(str(paths["dense"]), dtype="float32")
+            rotation = "layer" if mode == "layer" else "global"
+            sliced = hf_slicegpt.slice_model(
+                model, calibration, sparsity, rotation=rotation, show_progress=False
+            )
+            path = work / f"{mode}-{sparsity}"
+            if mode == "native":
+                hf_slicegpt.save_native(sliced, path)
+            else:
+                sliced.save_pretrained(path)
+            paths[f"{mode}-{sparsity:.0%}"] = path
+            logger.info("sliced %s %.0f%% -> %s", mode, sparsity * 100, path)
+    return paths
+
+
+def peak_memory(path: Path, shape: tuple[int, int], args, vocab: int) -> dict[str, int]:
+    child = subprocess.run(
+        [sys.executable, "-c", _PEAK_CHILD, str(path), str(shape[0]), str(shape[1]), str(args.threads)]
+        + [args.dtype, str(vocab)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+    )
+    if child.returncode != 0:
+        raise RuntimeError(child.stderr[-3000:])
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.20, 0.25, 0.30])
+    parser.add_argument("--model", default="smollm2", help="dense source when --dense is not given")
+    parser.add_argument("--dense", default=None, help="dense checkpoint directory")
     parser.add_argument(
-        "--checkpoints", nargs="*", default=None, help="sliced checkpoint dirs (skip slicing)"
+        "--checkpoints", nargs="*", default=None, help="sliced checkpoint dirs, or NAME=DIR (skip slicing)"
     )
+    parser.add_argument(
+        "--modes", nargs="+", default=["layer", "global"], choices=["layer", "global", "native"]
+    )
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.20, 0.25, 0.30])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument(
-        "--batch", type=int, default=None, help="prefill batch (default: 8 on CPU, 32 on CUDA)"
-    )
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--shapes", nargs="+", default=["8x512", "1x1024", "8x256"], help="prefill BATCHxSEQ")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--calibration-samples", type=int, default=16, help="for slicing here (x 512 tokens)")
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="decode eagerly (still with a static cache)"
+    )
+    parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
-    batch = args.batch or (32 if device.type == "cuda" else 8)
-    info = {
+    args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype)
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    machine = {
         "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "dtype": dtype_name,
+        "dtype": args.dtype,
         "load_average_at_start": os.getloadavg(),
     }
-
-    work = Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-"))
-    dense, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
-    dense_dir = work / "dense"
-    dense.save_pretrained(dense_dir)
-    paths = {"dense": dense_dir}
-    if args.checkpoints:
-        for path in args.checkpoints:
-            config = json.loads((Path(path) / "config.json").read_text())
-            paths[f"{config['slicing']['sparsity']:.0%}"] = Path(path)
-    else:
-        calibration = calibration_tokens(
-            tokenizer, "pydocs", num_samples=args.calibration_samples, seq_len=512, seed=42
-        )
-        for sparsity in args.sparsities:
-            model, _ = load_model_and_tokenizer(args.model, dtype="float32")
-            sliced = hf_slicegpt.slice_model(model, calibration, sparsity, show_progress=False)
-            paths[f"{sparsity:.0%}"] = work / f"sliced-{sparsity}"
-            sliced.save_pretrained(paths[f"{sparsity:.0%}"])
-            logger.info("sliced %.0f%% -> %s", sparsity * 100, paths[f"{sparsity:.0%}"])
-            del model, sliced
-    del dense
-
+    paths = prepare_models(args, Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-")))
     models = {
         name: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         for name, path in paths.items()
     }
     vocab = models["dense"].config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, args.seq_len), generator=gen).to(device)
-    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=gen).to(device)
+    generator = torch.Generator().manual_seed(0)
+    results: dict = {"machine": machine, "args": vars(args), "prefill": {}, "decode": None, "memory": None}
+    report = [f"machine: {machine}", f"models: { {n: str(p) for n, p in paths.items()} }"]
 
-    rows = {name: {"prefill_s": [], "decode_s": []} for name in models}
-    for name, model in models.items():
-        rows[name]["prefill_flops"] = flops(model, ids, use_cache=True, logits_to_keep=1)
-        rows[name]["decode_flops"] = decode_flops(model, prompt)
-        rows[name]["parameter_bytes"] = parameter_bytes(model)
-        prefill(model, ids[:1, :64])  # warm-up
-    for rep in range(args.repeats):
-        for name, model in models.items():
-            sync(device)
-            start = time.perf_counter()
+    for batch, seq_len in shapes:
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+        work = {name: prefill_flops(model, ids) for name, model in models.items()}
+
+        def run(name, model, ids=ids):
             prefill(model, ids)
             sync(device)
-            rows[name]["prefill_s"].append(time.perf_counter() - start)
-            rows[name]["decode_s"].append(decode(model, prompt, args.decode_tokens, device))
-            logger.info(
-                "rep %d %s: prefill %.2f s, decode %.2f s",
-                rep,
-                name,
-                rows[name]["prefill_s"][-1],
-                rows[name]["decode_s"][-1],
-            )
 
-    for name, path in paths.items():
-        if device.type == "cuda":
-            model = models[name]
-            torch.cuda.reset_peak_memory_stats(device)
-            prefill(model, ids)
-            rows[name]["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        else:
-            threads = str(torch.get_num_threads())
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    _PEAK_CHILD,
-                    str(path),
-                    str(batch),
-                    str(args.seq_len),
-                    threads,
-                    dtype_name,
-                ]
-                + [str(vocab)],
-                capture_output=True,
-                text=True,
-            )
-            if child.returncode != 0:
-                raise RuntimeError(child.stderr[-3000:])
-            rows[name]["peak_memory_bytes"] = json.loads(child.stdout.strip().splitlines()[-1])[
-                "max_rss_bytes"
-            ]
+        times = round_robin(models, run, args.repeats)
+        results["prefill"][f"{batch}x{seq_len}"] = {}
+        for clock in ("wall", "cpu"):
+            rows = summarise(times[clock], work, batch * seq_len)
+            results["prefill"][f"{batch}x{seq_len}"][clock] = rows
+            title = f"prefill {batch} x {seq_len}, tokens/s, {clock} time, {args.repeats} rounds"
+            report.append(table(title, rows, "tokens/s"))
+            print(report[-1], flush=True)
 
-    base = rows["dense"]
-    dense_prefill, dense_decode = statistics.median(base["prefill_s"]), statistics.median(base["decode_s"])
-    info["load_average_at_end"] = os.getloadavg()
+    if not args.no_decode:
+        prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator).to(device)
+        decoders = {
+            name: Decoder(model, args.prompt_len, args.decode_tokens, device, not args.no_compile)
+            for name, model in models.items()
+        }
+        work = {name: decoder.flops(prompt) for name, decoder in decoders.items()}
+        decode_times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+
+        def run_decode(name, decoder):
+            wall, cpu = decoder.run(prompt)  # the steps only, not the prompt
+            decode_times["wall"].setdefault(name, []).append(wall)
+            decode_times["cpu"].setdefault(name, []).append(cpu)
+
+        round_robin(decoders, run_decode, args.repeats)
+        how = "static cache + torch.compile" if not args.no_compile else "static cache, eager"
+        results["decode"] = {}
+        for clock in ("wall", "cpu"):
+            timed = {name: values[1:] for name, values in decode_times[clock].items()}  # [0]: warm-up
+            rows = summarise(timed, work, args.decode_tokens)
+            results["decode"][clock] = rows
+            title = (
+                f"decode batch 1, {args.decode_tokens} tokens after {args.prompt_len}, {how}, tokens/s, "
+                f"{clock} time, {args.repeats} rounds"
+            )
+            report.append(table(title, rows, "tokens/s"))
+            print(report[-1], flush=True)
+
+    if not args.no_memory:
+        shape = shapes[0]
+        memory = {name: peak_memory(path, shape, args, vocab) for name, path in paths.items()}
+        dense_peak = memory["dense"]["peak_rss_bytes"]
+        dense_weights = parameter_bytes(models["dense"])
+        lines = [
+            f"\npeak RSS (VmHWM) of a fresh process: from_pretrained + one {shape[0]} x {shape[1]} prefill\n",
+            "| model | weights MiB | peak RSS MiB | allowed: dense peak - weights saved + 5% | met |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in memory.items():
+            row["weights_bytes"] = parameter_bytes(models[name])
+            row["allowed_bytes"] = dense_peak - (dense_weights - row["weights_bytes"]) + 0.05 * dense_peak
+            row["met"] = row["peak_rss_bytes"] <= row["allowed_bytes"]
+            lines.append(
+                f"| {name} | {row['weights_bytes'] / 2**20:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+                f"{row['allowed_bytes'] / 2**20:.0f} | {'yes' if row['met'] else 'NO'} |"
+            )
+        results["memory"] = memory
+        report.append("\n".join(lines))
+        print(report[-1], flush=True)
+
+    machine["load_average_at_end"] = os.getloadavg()
     print(
-        f"\n{resolve_source(args.model)}: {device} {dtype_name}, prefill {batch} x {args.seq_len}, decode "
-        f"{args.decode_tokens} tokens at batch 1 after {args.prompt_len}; medians of {args.repeats}\nmachine: {info}\n"
+        f"\nload average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}"
     )
-    print(
-        "| model | prefill tok/s | prefill speed-up | FLOP-ideal | speed-up / ideal | decode tok/s | decode speed-up "
-        "| decode FLOP-ideal | weights | peak memory |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        p, d = statistics.median(row["prefill_s"]), statistics.median(row["decode_s"])
-        row["prefill_tokens_per_s"] = batch * args.seq_len / p
-        row["decode_tokens_per_s"] = args.decode_tokens / d
-        row["prefill_speedup"] = dense_prefill / p
-        row["prefill_ideal"] = base["prefill_flops"] / row["prefill_flops"]
-        row["decode_speedup"] = dense_decode / d
-        row["decode_ideal"] = base["decode_flops"] / row["decode_flops"]
-        print(
-            f"| {name} | {row['prefill_tokens_per_s']:.0f} | {row['prefill_speedup']:.3f}x | "
-            f"{row['prefill_ideal']:.3f}x | {row['prefill_speedup'] / row['prefill_ideal']:.0%} | "
-            f"{row['decode_tokens_per_s']:.1f} | {row['decode_speedup']:.3f}x | {row['decode_ideal']:.3f}x | "
-            f"{row['parameter_bytes'] / 2**20:.0f} MiB | {row['peak_memory_bytes'] / 2**20:.0f} MiB |"
-        )
     if args.json:
-        existing = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {}
-        existing[f"{device.type}-{dtype_name}"] = {"args": vars(args), "machine": info, "rows": rows}
-        Path(args.json).write_text(json.dumps(existing, indent=2) + "\n")
+        out = Path(args.json)
+        existing = json.loads(out.read_text()) if out.is_file() else {}
+        existing[f"{device.type}-{args.dtype}"] = results
+        out.write_text(json.dumps(existing, indent=2) + "\n")
 
 
 if __name__ == "__main__":

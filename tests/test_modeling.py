@@ -53,7 +53,9 @@ GENERATE = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_i
 
 
 @torch.no_grad()
+@torch.no_grad()
 def _logits(model, ids=PROBE_IDS, mask=PROBE_MASK) -> torch.Tensor:
+    # Inference, as in the fresh processes below (the fused path).
     return model(input_ids=ids, attention_mask=mask).logits
 
 
@@ -245,7 +247,9 @@ def remote_child(saved, tmp_path_factory):
 def test_fresh_process_with_plugin(family: str, saved, plugin_child) -> None:
     tensors, meta = plugin_child
     assert meta[family]["module"] == "hf_slicegpt.modeling.modeling_sliced"
-    assert torch.equal(tensors[f"{family}.logits"], saved[family]["logits"])
+    # Not bitwise: the child runs one thread, and the fused GEMM's blocking may differ with the thread count.
+    logits, want = tensors[f"{family}.logits"], saved[family]["logits"]
+    assert ((logits - want).abs().max() / want.abs().max()).item() < 1e-5
     assert torch.equal(tensors[f"{family}.tokens"], saved[family]["tokens"])
     assert meta[family]["tied"] == (family in ("llama_tied", "opt"))
 
@@ -260,7 +264,8 @@ def test_fresh_process_without_plugin_cannot_import_it(remote_child) -> None:
 def test_fresh_process_without_plugin_trust_remote_code(family: str, saved, remote_child) -> None:
     tensors, meta = remote_child
     assert meta[family]["module"].startswith("transformers_modules."), meta[family]["module"]
-    assert torch.equal(tensors[f"{family}.logits"], saved[family]["logits"])
+    logits, want = tensors[f"{family}.logits"], saved[family]["logits"]
+    assert ((logits - want).abs().max() / want.abs().max()).item() < 1e-5  # see the plugin test
     assert torch.equal(tensors[f"{family}.tokens"], saved[family]["tokens"])
     assert meta[family]["tied"] == (family in ("llama_tied", "opt"))
 

@@ -54,14 +54,38 @@ def _family_class(path: str | None) -> type[nn.Module] | None:
     return cls
 
 
+class SlicedReaderLinear(nn.Linear):
+    """An ``nn.Linear`` that reads a normed residual stream, and whose output the block may hand in precomputed.
+
+    The block computes every reader of one norm (and the shortcut on the same input) in one GEMM on the
+    un-normalised stream (see :meth:`SlicedDecoderLayer.fuse`); the family's attention/MLP module still calls
+    this linear, which then returns its slice of that product instead of multiplying again. Parameters, names
+    and ``state_dict`` are exactly an ``nn.Linear``'s, so checkpoints and PEFT (which wraps ``nn.Linear``) see
+    no difference.
+    """
+
+    precomputed: torch.Tensor | None = None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        out = self.precomputed
+        if out is None:
+            return super().forward(input)
+        self.precomputed = None
+        return out
+
+
 def _resize_linear(
-    parent: nn.Module, name: str, in_features: int | None = None, out_features: int | None = None
+    parent: nn.Module,
+    name: str,
+    in_features: int | None = None,
+    out_features: int | None = None,
+    reader: bool = False,
 ):
     """Replace ``parent.<name>`` by a linear with the sliced residual-side width."""
     old = parent.get_submodule(name)
     if not isinstance(old, nn.Linear):
         raise TypeError(f"{type(parent).__name__}.{name} is a {type(old).__name__}, expected nn.Linear")
-    new = nn.Linear(
+    new = (SlicedReaderLinear if reader else nn.Linear)(
         old.in_features if in_features is None else in_features,
         old.out_features if out_features is None else out_features,
         bias=old.bias is not None,
@@ -193,6 +217,84 @@ def checkpoint_weight_shapes(directory: str | os.PathLike) -> dict[str, tuple[in
     return shapes
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+
+WeightReader = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+class SafetensorsReader:
+    """Reads single tensors of a safetensors checkpoint (one file or shards) with ``pread``, not a memory map.
+
+    A callable ``read(name, like)``: the tensor ``name`` converted to ``like``'s dtype, or ``None`` when the
+    checkpoint does not hold it with ``like``'s shape (the caller then uses the parameter's own values).
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        directory = Path(directory)
+        files = [directory / WEIGHTS_NAME]
+        index = directory / WEIGHTS_INDEX_NAME
+        if not files[0].is_file() and index.is_file():
+            try:
+                shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                shards = set()
+            files = [
+                directory / str(shard) for shard in sorted(shards) if Path(str(shard)).name == str(shard)
+            ]
+        self._entries: dict[str, tuple[Any, str, tuple[int, ...], int, int]] = {}
+        self._handles = []
+        for path in files:
+            if not path.is_file():
+                continue
+            handle = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            self._handles.append(handle)
+            try:
+                (header_len,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_len))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        begin, end = (int(x) for x in info["data_offsets"])
+                        shape = tuple(int(d) for d in info["shape"])
+                        self._entries[name] = (
+                            handle,
+                            info["dtype"],
+                            shape,
+                            8 + header_len + begin,
+                            end - begin,
+                        )
+            except (ValueError, KeyError, TypeError, struct.error):
+                continue  # damaged: the parameters' own values are used
+
+    def __call__(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        handle, dtype_name, shape, offset, size = entry
+        dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+        if dtype is None or shape != tuple(like.shape) or size != like.numel() * dtype.itemsize:
+            return None
+        buffer = bytearray(size)
+        if os.preadv(handle.fileno(), [buffer], offset) != size:
+            return None
+        return torch.frombuffer(buffer, dtype=dtype).view(shape).to(like.dtype)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def expected_weight_shapes(config: SlicedConfig) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """The tensor shapes ``config`` implies (built on the meta device: no memory), and the tied names.
 
@@ -268,6 +370,11 @@ class SlicedRMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps)
         return x.to(dtype)
 
+    def inverse_rms(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``1 / rms(x)`` per token, shape ``(..., 1)``: the norm is weightless, so ``N(x) W = (x W) / rms(x)``."""
+        x = hidden_states.to(torch.float32)
+        return torch.rsqrt(x.pow(2).sum(-1, keepdim=True) / self.divisor + self.eps).to(hidden_states.dtype)
+
     def extra_repr(self) -> str:
         return f"divisor={self.divisor}, eps={self.eps}"
 
@@ -277,7 +384,7 @@ class SlicedFeedForward(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, out_features: int, activation: str, bias: bool):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden, bias=bias)
+        self.fc1 = SlicedReaderLinear(in_features, hidden, bias=bias)
         self.fc2 = nn.Linear(hidden, out_features, bias=bias)
         self.act = ACT2FN[activation]
 
@@ -285,11 +392,63 @@ class SlicedFeedForward(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
+class _FusedGroup:
+    """One norm's readers (and the shortcut on the same input) as one matrix whose rows the modules' weights view.
+
+    ``weight`` is ``[W_readers; S]`` (``nn.Linear`` layout, rows = outputs). After fusing, each module's
+    ``weight`` (and each reader's ``bias``) is a view of it, so the model holds every weight once and in-place
+    updates (``load_state_dict``, merging an adapter) reach the fused matrix too. ``pointers`` records where
+    those views start: when a parameter has been moved or replaced since (``.to()``, ``assign=True``), they
+    differ and the group is fused again.
+    """
+
+    __slots__ = ("weight", "bias", "sizes", "reader_rows", "pointers")
+
+    def __init__(self, weight, bias, sizes, reader_rows, pointers):
+        self.weight: torch.Tensor = weight
+        self.bias: torch.Tensor | None = bias
+        self.sizes: list[int] = sizes
+        self.reader_rows: int = reader_rows
+        self.pointers: tuple[int, ...] = pointers
+
+
+def _group_pointers(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in weights) + tuple(t.data_ptr() for t in biases)
+
+
+def _fusable(readers: list[nn.Module], shortcut: nn.Module | None) -> bool:
+    """True when every module is still the plain one this file built (not wrapped by PEFT, a quantizer or
+    an offloading hook) and their weights can share one matrix."""
+    if not readers or any(type(m) is not SlicedReaderLinear for m in readers):
+        return False
+    if shortcut is not None and type(shortcut) is not nn.Linear:
+        return False
+    modules = readers + ([shortcut] if shortcut is not None else [])
+    if any(hasattr(m, "_hf_hook") for m in modules):
+        return False
+    if len({m.bias is None for m in readers}) != 1:
+        return False
+    weight = readers[0].weight
+    return all(
+        m.weight.device == weight.device and m.weight.dtype == weight.dtype and m.weight.device.type != "meta"
+        for m in modules
+    )
+
+
 class SlicedDecoderLayer(GradientCheckpointingLayer):
     """A pre-norm block around the family's attention and MLP, with shortcut matrices on its residuals.
 
     Sequential: ``h = x S_attn + Attn(N(x))``; ``y = h S_mlp + MLP(N(h))``.
     Parallel:   ``y = x S + Attn(N(x)) + MLP(N(x))``.
+
+    At inference (gradients off, not under ``torch.compile``) the block runs *fused*: the norm is weightless, so
+    ``N(x) W = (x W) / rms(x)``, and all readers of one norm plus the shortcut on the same input are one GEMM on
+    the un-normalised stream, ``x [W_q; W_k; W_v; S]^T``, whose reader columns are then scaled by ``1 / rms(x)``
+    (and get their bias). The family's modules receive their slices of that product through
+    :class:`SlicedReaderLinear`. This saves a GEMM launch and a read of ``x`` per shortcut and the normed copy of
+    ``x`` per norm. The weights are fused on first use; the checkpoint format and parameter names do not change.
+    The plain path runs whenever gradients are on, under ``torch.compile``, when PEFT or anything else wraps
+    one of these linears, or when ``fused_inference`` is ``False``.
     """
 
     def __init__(self, config: SlicedConfig, layer_idx: int):
@@ -297,6 +456,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         family = config.family_config
         self.layer_idx = layer_idx
         self.parallel = config.topology == "parallel"
+        self.fused_inference = True
+        self._fused: dict[str, _FusedGroup] = {}
         d_in = config.attn_input_dims[layer_idx]
         d_out = config.layer_output_dim(layer_idx)
         d_mid = d_in if self.parallel else config.mlp_input_dims[layer_idx]
@@ -305,8 +466,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = SlicedRMSNorm(config.norm_divisor, config.norm_eps)
         self.self_attn = _family_class(config.attention_class)(config=family, layer_idx=layer_idx)
         self.cache_kwarg = config.attention_cache_kwarg
+        self._attn_readers = list(config.attn_input_names)
         for name in config.attn_input_names:
-            _resize_linear(self.self_attn, name, in_features=d_in)
+            _resize_linear(self.self_attn, name, in_features=d_in, reader=True)
         _resize_linear(self.self_attn, config.attn_output_name, out_features=attn_writes)
 
         mlp_cls = _family_class(config.mlp_class)
@@ -314,10 +476,12 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self.mlp = SlicedFeedForward(
                 d_mid, family.ffn_dim, d_out, config.mlp_activation, bias=getattr(family, "enable_bias", True)
             )
+            self._mlp_readers = ["fc1"]
         else:
             self.mlp = mlp_cls(family)
+            self._mlp_readers = list(config.mlp_input_names)
             for name in config.mlp_input_names:
-                _resize_linear(self.mlp, name, in_features=d_mid)
+                _resize_linear(self.mlp, name, in_features=d_mid, reader=True)
             _resize_linear(self.mlp, config.mlp_output_name, out_features=d_out)
 
         self.attn_shortcut = (
@@ -331,6 +495,127 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self.mlp_shortcut = (
                 nn.Linear(d_mid, d_out, bias=False) if config.mlp_shortcuts[layer_idx] else None
             )
+
+    # -- fused inference ----------------------------------------------------------------------------------------
+
+    def _group_modules(self, group: str) -> tuple[list[nn.Module], nn.Module | None]:
+        """The readers of one norm (looked up each time: PEFT may have replaced them) and its shortcut."""
+        readers = [self.self_attn.get_submodule(name) for name in self._attn_readers]
+        if group == "attn" and not self.parallel:
+            return readers, self.attn_shortcut
+        mlp = [self.mlp.get_submodule(name) for name in self._mlp_readers]
+        if group == "mlp":
+            return mlp, self.mlp_shortcut
+        return readers + mlp, self.attn_shortcut
+
+    def _group_names(self, group: str) -> tuple[list[str], str | None]:
+        """Module paths (relative to this layer) of ``group``'s readers, and of its shortcut."""
+        attn = [f"self_attn.{name}" for name in self._attn_readers]
+        mlp = [f"mlp.{name}" for name in self._mlp_readers]
+        if group == "attn":
+            return attn, "attn_shortcut" if self.attn_shortcut is not None else None
+        if group == "mlp":
+            return mlp, "mlp_shortcut" if self.mlp_shortcut is not None else None
+        return attn + mlp, "attn_shortcut" if self.attn_shortcut is not None else None
+
+    def _fuse_group(
+        self, group: str, readers: list[nn.Module], shortcut: nn.Module | None, read: WeightReader | None
+    ) -> _FusedGroup:
+        """Concatenate the weights into one matrix and make every parameter a view of it (memory-neutral).
+
+        ``read(name, like)`` may supply a tensor's values from the checkpoint file instead of the parameter: after
+        ``from_pretrained`` the parameters view a memory map of the file, and copying them out of it would leave
+        their pages resident beside the fused copy.
+        """
+        reader_names, shortcut_name = self._group_names(group)
+        prefix = f"model.layers.{self.layer_idx}."
+        names = reader_names + ([shortcut_name] if shortcut_name else [])
+        modules = readers + ([shortcut] if shortcut is not None else [])
+        weights = [m.weight for m in modules]
+        biases = [(f"{prefix}{n}.bias", m.bias) for n, m in zip(reader_names, readers) if m.bias is not None]
+
+        def concatenate(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+            first = tensors[0][1]
+            fused = torch.empty((sum(t.shape[0] for _, t in tensors), *first.shape[1:]), dtype=first.dtype)
+            fused = fused.to(first.device)
+            start = 0
+            for name, tensor in tensors:
+                values = read(name, tensor) if read is not None else None
+                fused[start : start + tensor.shape[0]].copy_(tensor.detach() if values is None else values)
+                tensor.data = fused[start : start + tensor.shape[0]]
+                start += tensor.shape[0]
+            return fused
+
+        # Outside inference mode, so that the parameters stay usable for training afterwards.
+        with torch.inference_mode(False), torch.no_grad():
+            fused = concatenate([(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)])
+            fused_bias = concatenate(biases) if biases else None
+        sizes = [m.weight.shape[0] for m in readers]
+        return _FusedGroup(
+            fused, fused_bias, sizes, sum(sizes), _group_pointers(weights, [b for _, b in biases])
+        )
+
+    def _fused_group(
+        self, group: str, read: WeightReader | None = None
+    ) -> tuple[_FusedGroup, list[nn.Module]] | None:
+        """The fused matrix of ``group`` (fusing it first if needed), or ``None`` where the plain path must run."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.fused_inference:
+            return None
+        readers, shortcut = self._group_modules(group)
+        for module in readers:
+            if type(module) is nn.Linear:  # modules handed over by the slicer: same state, one more ability
+                module.__class__ = SlicedReaderLinear
+        if not _fusable(readers, shortcut):
+            self._fused.pop(group, None)
+            return None
+        entry = self._fused.get(group)
+        if entry is not None:
+            weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
+            if _group_pointers(weights, [m.bias for m in readers if m.bias is not None]) != entry.pointers:
+                entry = None
+        if entry is None:
+            self._fused.pop(group, None)  # drop a stale matrix before building the new one
+            entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
+        return entry, readers
+
+    def fuse(self, read: WeightReader | None = None) -> None:
+        """Fuse now rather than on the first inference forward (a no-op where the plain path must run)."""
+        with torch.no_grad():
+            for group in ("block",) if self.parallel else ("attn", "mlp"):
+                self._fused_group(group, read)
+
+    def _run_fused(
+        self, fused: tuple[_FusedGroup, list[nn.Module]], hidden_states: torch.Tensor, norm: SlicedRMSNorm
+    ) -> torch.Tensor | None:
+        """One GEMM for the readers and the shortcut; hands each reader its output; returns ``x S`` (or None)."""
+        entry, readers = fused
+        product = nn.functional.linear(hidden_states, entry.weight)
+        reads = product[..., : entry.reader_rows]
+        reads.mul_(norm.inverse_rms(hidden_states))
+        if entry.bias is not None:
+            reads.add_(entry.bias)
+        start = 0
+        for module, size in zip(readers, entry.sizes):
+            module.precomputed = reads[..., start : start + size]
+            start += size
+        return product[..., entry.reader_rows :] if entry.weight.shape[0] > entry.reader_rows else None
+
+    @staticmethod
+    def _clear(readers: list[nn.Module]) -> None:
+        for module in readers:
+            module.precomputed = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/... give the parameters new storage: forget the fused matrix rather than hold it twice.
+        self._fused.clear()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state["_fused"] = {}
+        return state
+
+    # -- forward --------------------------------------------------------------------------------------------
 
     def _attention(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs.get("position_embeddings") is None:
@@ -359,14 +644,34 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        residual = hidden_states if self.attn_shortcut is None else self.attn_shortcut(hidden_states)
-        normed = self.input_layernorm(hidden_states)
-        attn_output = self._attention(normed, **attn_kwargs)
-        if self.parallel:
-            return residual + attn_output + self.mlp(normed)
+        fused = self._fused_group("block" if self.parallel else "attn")
+        if fused is None:
+            residual = hidden_states if self.attn_shortcut is None else self.attn_shortcut(hidden_states)
+            normed = self.input_layernorm(hidden_states)
+            attn_output = self._attention(normed, **attn_kwargs)
+            if self.parallel:
+                return residual + attn_output + self.mlp(normed)
+        else:
+            try:
+                shortcut = self._run_fused(fused, hidden_states, self.input_layernorm)
+                residual = hidden_states if shortcut is None else shortcut
+                # The readers return their precomputed slices; the attention uses its input only for its shape.
+                attn_output = self._attention(hidden_states, **attn_kwargs)
+                if self.parallel:
+                    return residual + attn_output + self.mlp(hidden_states)
+            finally:
+                self._clear(fused[1])
         hidden_states = residual + attn_output
-        residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
-        return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        fused = self._fused_group("mlp")
+        if fused is None:
+            residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
+            return residual + self.mlp(self.post_attention_layernorm(hidden_states))
+        try:
+            shortcut = self._run_fused(fused, hidden_states, self.post_attention_layernorm)
+            residual = hidden_states if shortcut is None else shortcut
+            return residual + self.mlp(hidden_states)
+        finally:
+            self._clear(fused[1])
 
 
 class SlicedPreTrainedModel(PreTrainedModel):
@@ -446,7 +751,8 @@ class SlicedModel(SlicedPreTrainedModel):
 
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_seen = cache.get_seq_length() if cache is not None else 0
+        # Read only when needed: a static cache's length is a Python int that torch.compile would guard on.
+        past_seen = cache.get_seq_length() if cache is not None and position_ids is None else 0
 
         if self.embed_positions is not None:
             # Learned absolute positions count only real tokens, so left padding does not shift them.
@@ -565,6 +871,8 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         ]
         if problems:
             raise checkpoint_mismatch_error(repr(str(pretrained_model_name_or_path)), problems)
+        if local and kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            model._fuse_loaded(directory)
         return (model, info) if wants_info else model
 
     def __init__(self, config: SlicedConfig):
@@ -583,6 +891,36 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
             head_width = config.head_input_dim
         self.lm_head = nn.Linear(head_width, vocab, bias=config.lm_head_bias)
         self.post_init()
+
+    def fuse(self, read: WeightReader | None = None) -> SlicedModelForCausalLM:
+        """Fuse every block's readers and shortcuts now instead of on the first inference forward.
+
+        Memory-neutral (the parameters become views of the fused matrices) and invisible to ``state_dict``.
+        """
+        for layer in self.model.layers:
+            layer.fuse(read)
+        return self
+
+    def _fuse_loaded(self, directory: Path | None = None) -> SlicedModelForCausalLM:
+        """Fuse right after ``from_pretrained``, reading the fused weights from the checkpoint file.
+
+        transformers memory-maps the safetensors file and the parameters view the map, whose pages become
+        resident as they are touched. Copying the readers out of the map would keep their pages resident beside
+        the fused copies (the sliced model's peak memory then exceeded the dense one's); reading them from the
+        file with ``pread`` goes through the page cache instead, so each weight is held once.
+        """
+        if not isinstance(self, SlicedModelForCausalLM) or directory is None or not directory.is_dir():
+            return self  # fused on the first inference forward
+        if any(p.device.type != "cpu" for p in self.parameters()):
+            return self
+        with SafetensorsReader(directory) as read, torch.inference_mode(False), torch.no_grad():
+            self.fuse(read)
+        return self
+
+    def set_fused_inference(self, enabled: bool) -> None:
+        """Turn the fused inference path (see :class:`SlicedDecoderLayer`) on or off; both give the same logits."""
+        for layer in self.model.layers:
+            layer.fused_inference = bool(enabled)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -640,6 +978,7 @@ __all__ = [
     "SlicedModelForCausalLM",
     "SlicedPreTrainedModel",
     "SlicedDecoderLayer",
+    "SlicedReaderLinear",
     "SlicedRMSNorm",
     "check_checkpoint_weights",
     "checkpoint_mismatch_error",
