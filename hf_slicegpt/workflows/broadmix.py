@@ -1,0 +1,137 @@
+"""A small built-in broad calibration mix: text every machine has offline, none of it committed here.
+
+SliceGPT keeps the directions its calibration text uses; a model sliced on one kind of text can be much worse on
+others (BENCHMARKS.md, "Robustness"). Blending a few windows of other kinds of text into any calibration set
+keeps most of them. The kinds here are made on the spot, so nothing third-party is stored in the project and
+no evaluation source of ``benchmarks/`` is read:
+
+- ``code``: the Python standard library's own source files (code, comments, docstrings), from this install;
+- ``structured``: deterministic synthetic records (key/value lines, tables, dates, numbers with units, paths,
+  e-mail-like identifiers, accented and Greek/Cyrillic words) from a generator of its own (not the one
+  ``benchmarks/robustness.py`` evaluates on).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sysconfig
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BROAD_KINDS = ("code", "structured")
+# Share of the calibration windows taken from each kind (2 kinds x 1/16 = 1/8 of the windows in all).
+BROAD_FRACTION = 1 / 16
+_CODE_CHARS = 300_000
+_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "config-")
+
+
+def stdlib_code(max_chars: int = _CODE_CHARS) -> str:
+    """The first ``max_chars`` characters of the standard library's ``.py`` files, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(_SKIP) for part in rel.split("/")):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        parts.append(f"# {rel}\n{text}")
+        total += len(parts[-1])
+        if total >= max_chars:
+            break
+    if not parts:
+        logger.warning("no standard-library source found under %s; the code kind is empty", root)
+    return "\n\n".join(parts)[:max_chars]
+
+
+def structured_text(seed: int = 12345, records: int = 4000) -> str:
+    """Deterministic structured and multilingual records (not prose, not code)."""
+    rng = random.Random(seed)
+    syllables = ["ka", "ri", "to", "mel", "san", "dor", "vi", "lun", "pe", "gra", "sho", "ne", "tri", "bo"]
+    accented = "áéíóúàèìòùäëïöüâêîôûçñßøå"
+    greek = "αβγδεζηθικλμνξοπρστυφχψω"
+    cyrillic = "абвгдежзийклмнопрстуфхцчшщыэюя"
+    units = ["ms", "kB", "MiB", "kg", "km/h", "°C", "%", "USD", "EUR", "px"]
+
+    def word() -> str:
+        return "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+
+    def foreign() -> str:
+        alphabet = rng.choice([accented + "abcdefghilmnoprstu", greek, cyrillic])
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 9)))
+
+    lines = []
+    for i in range(records):
+        kind = i % 6
+        if kind == 0:
+            lines.append(
+                f"{word().capitalize()}_{rng.randint(0, 999)} = {rng.uniform(-50, 5000):.3f} {rng.choice(units)}"
+            )
+        elif kind == 1:
+            cells = [
+                word(),
+                str(rng.randint(0, 10**5)),
+                f"{rng.random():.2f}",
+                rng.choice(["yes", "no", "n/a"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        elif kind == 2:
+            lines.append(
+                f"{rng.randint(1990, 2030)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}T"
+                f"{rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}:{rng.randint(0, 59):02d}Z "
+                f"[{rng.choice(['INFO', 'WARN', 'ERROR', 'DEBUG'])}] {word()}: {word()} {word()} "
+                f"0x{rng.getrandbits(32):08x}"
+            )
+        elif kind == 3:
+            lines.append(
+                f"{word()}.{word()}@{word()}.{rng.choice(['org', 'net', 'io', 'de', 'fr'])} /"
+                f"{word()}/{word()}/{word()}.{rng.choice(['json', 'yaml', 'csv', 'log'])}"
+            )
+        elif kind == 4:
+            lines.append(
+                " ".join(foreign() for _ in range(rng.randint(3, 8))) + rng.choice([".", "?", "!", ";"])
+            )
+        else:
+            n = rng.randint(2, 5)
+            lines.append(
+                "; ".join(f"{k + 1}) {word()} {rng.randint(1, 99)}x{rng.randint(1, 99)}" for k in range(n))
+            )
+    return "\n".join(lines)  # fmt: skip
+
+
+def broad_texts() -> dict[str, str]:
+    """The built-in kinds by name."""
+    return {"code": stdlib_code(), "structured": structured_text()}
+
+
+def with_broad_mix(
+    tokenizer, calibration: torch.LongTensor, *, fraction: float = BROAD_FRACTION, seed: int = 0
+) -> torch.LongTensor:
+    """Replace a share ``fraction`` of ``calibration``'s windows per built-in kind by windows of that kind.
+
+    The number of windows (and so the calibration cost) stays the same. ``fraction=0`` returns the input.
+    """
+    from .data import tokenize_text, windows
+
+    if not 0 <= fraction < 0.5:
+        raise ValueError(f"broad mix fraction must be in [0, 0.5), got {fraction!r}; e.g. 1/16")
+    n, seq_len = calibration.shape
+    count = max(1, round(fraction * n)) if fraction > 0 else 0
+    if count == 0:
+        return calibration
+    parts = []
+    for k, text in enumerate(broad_texts().values()):
+        ids = tokenize_text(tokenizer, text)
+        parts.append(windows(ids, seq_len, count, seed + k))
+    keep = n - count * len(parts)
+    if keep < 1:
+        raise ValueError(f"{n} calibration windows are too few for a broad mix of {fraction!r} per kind")
+    logger.info("Broad mix: %d of %d windows from %s", n - keep, n, ", ".join(BROAD_KINDS))
+    kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+    return torch.cat([calibration[kept], *parts])
