@@ -191,7 +191,7 @@ SLICE_FLAGS: list[tuple[str, str, Callable[[SliceRun, dict[str, Path]], bool]]] 
     ("--offload", "layer", lambda r, w: r.report["settings"]["offload"] == "cpu"),
     ("--num-samples", "layer", lambda r, w: r.slicing["calibration_sequences"] == 4),
     ("--seq-len", "layer", lambda r, w: r.slicing["calibration_tokens"] == 4 * 32),
-    ("--calibration", "layer", lambda r, w: r.report["settings"]["calibration"] == str(w["corpus"])),
+    ("--calibration", "layer", lambda r, w: r.report["settings"]["calibration"] == w["corpus"].name),  # no paths
     # evaluation: the whole text with --eval-split all (else its held-out tail); capped by --eval-max-tokens
     ("--eval-data", "layer", lambda r, w: r.report["perplexity"]["data"] == str(w["corpus"])),
     ("--eval-split", "layer", lambda r, w: r.report["perplexity"]["tokens"] == _held_out_tokens(w, split="all")),

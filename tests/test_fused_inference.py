@@ -18,7 +18,7 @@ from tiny import FAMILIES, calibration, make_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
-from hf_slicegpt.modeling.modeling_sliced import SlicedReaderLinear
+from hf_slicegpt.modeling.modeling_sliced import CACHE_NAME, SlicedReaderLinear
 
 RTOL = 1e-5
 
@@ -38,7 +38,8 @@ def _logits(model, ids: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.
     """Prefill logits of ``ids[:, :-1]`` and the logits of one cached decode step on ``ids[:, -1:]``."""
     model.set_fused_inference(fused)
     out = model(input_ids=ids[:, :-1], use_cache=True)
-    step = model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True)
+    cache = getattr(out, CACHE_NAME)  # `past_key_values` before transformers 5.24, `cache` from it on
+    step = model(input_ids=ids[:, -1:], **{CACHE_NAME: cache}, use_cache=True)
     return out.logits, step.logits
 
 

@@ -83,6 +83,12 @@ def test_a_sliced_checkpoint_exports_through_the_cli(sliced, tokenizer, tmp_path
     # an existing file is kept unless --overwrite
     assert cli.main(["export", str(directory), "-o", str(out), "--quiet"]) == 1
     assert "--overwrite" in capsys.readouterr().err
+    # --pre-tokenizer names llama.cpp's pre-tokenizer (SmolLM2's own digit splitting is "smollm")
+    argv = ["export", str(directory), "-o", str(out), "--overwrite", "--pre-tokenizer", "smollm", "--quiet"]
+    assert cli.main(argv) == 0
+    from gguf import GGUFReader
+
+    assert GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == "smollm"
 
 
 def test_what_cannot_be_written_is_refused(tmp_path, tokenizer) -> None:

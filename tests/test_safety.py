@@ -543,3 +543,18 @@ def test_trust_remote_code_flag_reaches_the_loader(
         code, _, _ = run_main(capsys, command, sliced, *extra, "--device", "cpu", *flag)
         assert code == 130
     assert seen == [False, True]
+
+
+def test_push_allow_incomplete_flag_pushes_a_checkpoint_without_tokenizer(
+    sliced: Path, tmp_path: Path, capsys
+) -> None:
+    bare = _copy(sliced, tmp_path / "bare")
+    for path in bare.glob("tokenizer*"):
+        path.unlink()
+    for name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+        (bare / name).unlink(missing_ok=True)
+    code, _, err = run_main(capsys, "push", bare, "--repo-id", "org/x", "--dry-run")
+    assert code != 0 and "no tokenizer" in err and "--allow-incomplete" in err
+    code, out, err = run_main(capsys, "push", bare, "--repo-id", "org/x", "--dry-run", "--allow-incomplete")
+    assert code == 0, err
+    assert "model.safetensors" in out

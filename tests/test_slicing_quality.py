@@ -76,6 +76,10 @@ def residual_signals(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Ten
 
         return hook
 
+    if hasattr(model, "set_fused_inference"):
+        # The fused inference path folds the weightless norm into the readers' GEMM and never calls the norm
+        # module that the hooks below watch; the plain path computes the same signals (tests/test_fused_inference).
+        model.set_fused_inference(False)
     layers = model.model.layers
     hooks = [layers[0].register_forward_pre_hook(before("embeddings"), with_kwargs=True)]
     for idx, layer in enumerate(layers):

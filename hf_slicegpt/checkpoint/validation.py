@@ -338,7 +338,13 @@ def validate_checkpoint(
     """
     directory = Path(directory)
     values = read_config_dict(directory)
-    sliced = values.get("model_type") == SlicedConfig.model_type
+    model_type = values.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise InvalidConfigError(
+            f"{directory / 'config.json'}: model_type must be a string such as {SlicedConfig.model_type!r}, "
+            f"got {model_type!r}"
+        )
+    sliced = model_type == SlicedConfig.model_type
     config = sliced_config_from_dict(values, where=str(directory / "config.json")) if sliced else None
     shapes = read_weight_shapes(directory)
     if config is not None:
