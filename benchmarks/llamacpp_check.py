@@ -10,7 +10,7 @@ nothing new. Steps: slice SmolLM2-135M with ``rotation="global"`` (or take ``--n
   differently, so a near tie may flip).
 
     make llamacpp-check        # builds .venv-llamacpp once (minutes), then runs this script
-    LLAMACPP_PYTHON=/work/venv-llamacpp/bin/python .venv/bin/python benchmarks/llamacpp_check.py
+    LLAMACPP_PYTHON=.venv-llamacpp/bin/python .venv/bin/python benchmarks/llamacpp_check.py
 
 With ``--llama-side`` the script is the llama.cpp half (stdlib + llama_cpp only).
 """
@@ -63,7 +63,7 @@ def find_llama_python(explicit: str | None) -> str | None:
     candidates = [explicit, os.environ.get("LLAMACPP_PYTHON")]
     if importlib.util.find_spec("llama_cpp") is not None:
         candidates.append(sys.executable)
-    candidates += [str(REPO / ".venv-llamacpp" / "bin" / "python"), "/work/venv-llamacpp/bin/python"]
+    candidates += [str(REPO / ".venv-llamacpp" / "bin" / "python")]
     for candidate in candidates:
         if candidate and Path(candidate).exists():
             probe = subprocess.run([candidate, "-c", "import llama_cpp"], capture_output=True)

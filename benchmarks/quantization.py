@@ -14,8 +14,8 @@ memory (a quantised tensor counts its int8 data and its scales), each matrix onc
 
 torchao and optimum-quanto are binary / not pinned with the project, so they live outside the project venv:
 
-    pip install --no-deps --target /work/venv-quant/site torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2
-    PYTHONPATH=/work/venv-quant/site OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantization.py \
+    pip install --no-deps --target .venv-quant torchao==0.18.0 optimum-quanto==0.2.7 ninja==1.13.2
+    PYTHONPATH=.venv-quant OMP_NUM_THREADS=1 .venv/bin/python benchmarks/quantization.py \
         --threads 1 --num-samples 32 --json benchmarks/results/quantization.json
 """
 
