@@ -48,5 +48,7 @@ def test_keyword_options_override_a_config_and_unknown_ones_are_refused() -> Non
     assert sliced.config.attn_input_dims == [16, 16] and sliced.config.slicing["round_to"] == 4
     with pytest.raises(SlicingError, match="rotaton.*fields of hf_slicegpt.SlicingConfig"):
         hf_slicegpt.slice_model(make_tiny("llama"), calibration(), 0.25, rotaton="global")
+    with pytest.raises(SlicingError, match="rotaton"):
+        hf_slicegpt.slice_model(make_tiny("llama"), calibration(), base, rotaton="global")
     with pytest.raises(SlicingError, match="needs a sparsity"):
         hf_slicegpt.slice_model(make_tiny("llama"), calibration())

@@ -27,14 +27,12 @@ logger = logging.getLogger(__name__)
 
 def _resolve_config(config: SlicingConfig | float | None, overrides: dict[str, Any]) -> SlicingConfig:
     """A ``SlicingConfig`` from a config, a bare sparsity, and/or keyword overrides."""
-    if isinstance(config, SlicingConfig):
-        return replace(config, **overrides) if overrides else config
     if config is None and "sparsity" not in overrides:
         raise SlicingError("slice_model needs a sparsity: pass SlicingConfig(sparsity=...) or e.g. 0.25")
-    if config is not None:
-        overrides = {"sparsity": config, **overrides}
     try:
-        return SlicingConfig(**overrides)
+        if isinstance(config, SlicingConfig):
+            return replace(config, **overrides) if overrides else config
+        return SlicingConfig(**({"sparsity": config} if config is not None else {}), **overrides)
     except TypeError as err:  # an unknown keyword
         raise SlicingError(f"{err}; the options are the fields of hf_slicegpt.SlicingConfig") from None
 
