@@ -15,6 +15,7 @@ from ..adapters import get_adapter
 from ..modeling.configuration_sliced import SlicedConfig
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from ..runtime import distributed
+from ..runtime.devices import DeviceError, check_device
 from ..runtime.offload import check_offload
 from .calibration import calibration_batches
 from .config import SlicingConfig, SlicingError
@@ -48,22 +49,11 @@ def _check_model_and_device(model: Any, device: Any) -> None:
             f"model must be a transformers causal LM (a PreTrainedModel such as LlamaForCausalLM), got "
             f"{type(model).__name__}; load one with AutoModelForCausalLM.from_pretrained"
         )
-    if device is None:
-        return
-    if not isinstance(device, (str, torch.device)) or isinstance(device, bool):
-        raise SlicingError(f"device must be a string such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise SlicingError(
-            f"unknown device {device!r} ({' '.join(str(err).split())}); use cpu, cuda, cuda:N or mps"
-        ) from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise SlicingError(f"device {device!r} asked for, but no CUDA GPU is visible; use device='cpu'")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise SlicingError(f"device {device!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise SlicingError(f"device {device!r} asked for, but MPS is not available; use device='cpu'")
+    if device is not None:
+        try:
+            check_device(device)
+        except DeviceError as err:  # slice_model's own refusals are all SlicingErrors
+            raise SlicingError(str(err)) from None
 
 
 def _check_checkpointing(checkpoint_dir: Any, checkpoint_every: Any) -> None:

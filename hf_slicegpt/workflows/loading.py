@@ -326,19 +326,9 @@ def resolve_device(requested: str | None) -> str:
     """``requested`` checked against what this machine has, or :func:`default_device`."""
     if requested is None:
         return default_device()
-    import torch
+    from ..runtime.devices import check_device
 
-    try:
-        device = torch.device(requested)
-    except RuntimeError as exc:
-        raise ValueError(f"unknown device {requested!r} ({exc}); use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {requested!r} asked for, but no CUDA GPU is visible; pass --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {requested!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {requested!r} asked for, but MPS is not available; pass --device cpu")
-    return str(device)
+    return str(check_device(requested))
 
 
 def context_length(config: Any) -> int | None:
