@@ -155,6 +155,14 @@ def _error_cases(work: dict[str, Path]) -> list[tuple[list[Any], list[str]]]:
         ([*base, "--sparsity", "25", "--calibration", corpus], ["looks like a percentage", "0.25"]),
         ([*base, "--sparsity", "-0.1", "--calibration", corpus], ["sparsity must be in [0, 1)"]),
         (
+            [*base, "--sparsity", "0.25", "--calibration", corpus, "--broad-mix", "0.7"],
+            ["broad mix", "0.7", "0 to turn it off"],
+        ),
+        (
+            [*base, "--sparsity", "0.25", "--calibration", corpus, "--correction-fraction", "0"],
+            ["correction_fraction must be in (0, 1]", "0.25"],
+        ),
+        (
             [*base, "--sparsity", "0.25", "--calibration", root / "missing.txt"],
             ["missing.txt", "does not exist"],
         ),

@@ -123,10 +123,10 @@ RUNS: dict[str, list[str]] = {
     ],
     "shared": [
         "--sparsity", "0.25", "--mid-basis", "shared", "--tied-embeddings", "project", "--eval-data", "CORPUS",
-        "--eval-max-tokens", "96",
+        "--eval-max-tokens", "96", "--correction-fraction", "0.5", "--broad-mix", "0.125",
     ],
     "global": ["--sparsity", "0.25", "--rotation", "global", "--tied-embeddings", "slice", "--schedule", "const"],
-    "variance": ["--sparsity", "0.25", "--schedule", "variance"],
+    "variance": ["--sparsity", "0.25", "--schedule", "variance", "--correction", "none", "--broad-mix", "0"],
 }  # fmt: skip
 
 
@@ -185,6 +185,10 @@ SLICE_FLAGS: list[tuple[str, str, Callable[[SliceRun, dict[str, Path]], bool]]] 
     ("--vocab-prior", "layer", lambda r, w: r.slicing["vocab_prior"] == 0.5),
     ("--rotation", "global", lambda r, w: r.slicing["rotation"] == "global" and not any(r.config["attn_shortcuts"])),
     ("--schedule", "variance", lambda r, w: r.slicing["schedule"] == "variance" and "variance_fraction" in r.slicing),
+    ("--correction", "variance", lambda r, w: r.slicing["correction"] == {"method": "none"} and r.slicing["config"]["correction"] == "none"),
+    ("--correction-fraction", "shared", lambda r, w: r.slicing["correction"]["method"] == "ridge" and r.slicing["correction"]["fraction"] == 0.5),
+    ("--broad-mix", "variance", lambda r, w: r.report["settings"]["broad_mix"] == 0),
+    ("--broad-mix", "shared", lambda r, w: r.report["settings"]["broad_mix"] == 0.125),
     ("--batch-size", "layer", lambda r, w: r.report["settings"]["batch_size"] == 3),
     ("--seed", "layer", lambda r, w: r.report["settings"]["seed"] == 7),
     ("--dtype", "layer", lambda r, w: r.report["settings"]["dtype"] == "float32" and r.config["dtype"] == "float32"),

@@ -386,6 +386,19 @@ def _source_line(provenance: Mapping[str, Any]) -> str | None:
     return line + "."
 
 
+def _correction_text(correction: Any) -> str:
+    """The correction row: none (the paper's weights) or the refit and what it removed on held-out data."""
+    if not isinstance(correction, dict):
+        return "none (recorded before the correction existed)"
+    if correction.get("method") in (None, "none"):
+        return "none (the paper's weights)"
+    text = f"{correction['method']}: writers and shortcuts refit to the dense model's outputs"
+    ratio = correction.get("held_out_error_ratio")
+    if isinstance(ratio, (int, float)):
+        text += f" (held-out error x{ratio:.2f}, {correction.get('updates_changed')} of {correction.get('updates')} updates changed)"
+    return text
+
+
 def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
     config, report = facts.config, facts.slicing_report
     slicing = config.get("slicing") or report.get("slicing") or {}
@@ -399,6 +412,7 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
         ("family", _fmt(family)),
         ("block topology", _fmt(config.get("topology"))),
         ("rotation / schedule", f"{slicing.get('rotation', 'n/a')} / {slicing.get('schedule', 'n/a')}"),
+        ("output correction", _correction_text(slicing.get("correction"))),
         ("widths rounded to a multiple of", _fmt(slicing.get("round_to"))),
         ("head input sliced", _fmt(slicing.get("slice_head"))),
         ("tied embeddings kept (stored once)", _fmt(bool(config.get("embed_proj")))),
@@ -411,6 +425,10 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
                 f"tokens, seed {settings.get('seed', '?')}",
             )
         )
+        if settings.get("broad_mix"):
+            rows.append(
+                ("built-in broad mix", f"{settings['broad_mix']:g} of the windows per kind (code, records)")
+            )
     elif slicing.get("calibration_sequences"):
         rows.append(("calibration sequences", _fmt(slicing.get("calibration_sequences"))))
     if slicing.get("calibration_tokens"):

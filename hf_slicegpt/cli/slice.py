@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..slicing import SlicingConfig
+from ..workflows.broadmix import BROAD_FRACTION
 from ..workflows.pipeline import SliceJob, SliceResult, run_slice
 from ._common import (
     add_model_options,
@@ -82,6 +83,24 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "help": "tied vocabulary matrix: project (full width + small projections, exact), slice (sliced once; "
             "RMSNorm families), untie (the reference's layout, larger); auto (default) picks slice for global "
             "rotation of RMSNorm families, project otherwise",
+        },
+    ),
+    (
+        "--correction",
+        {
+            "choices": ["ridge", "none"],
+            "default": None,
+            "help": "ridge (default): refit each sliced update's writers and shortcut to the dense model's "
+            "output, in closed form; none: the paper's weights",
+        },
+    ),
+    (
+        "--correction-fraction",
+        {
+            "metavar": "F",
+            "type": float,
+            "default": None,
+            "help": "share of the calibration batches the correction fits on (default 1: all)",
         },
     ),
     (
@@ -267,6 +286,14 @@ def register(subparsers: Any) -> None:
         "./legal 0.125: a sliced model keeps the kinds of text its calibration covers",
     )
     parser.add_argument(
+        "--broad-mix",
+        metavar="F",
+        type=float,
+        default=BROAD_FRACTION,
+        help=f"replace a share F of the calibration windows per built-in kind of text (Python source, "
+        f"structured records) for robustness to other text (default {BROAD_FRACTION:g}; 0: off, the paper)",
+    )
+    parser.add_argument(
         "--calibration-augment",
         metavar="SPEC",
         default=None,
@@ -324,6 +351,7 @@ def run_command(args: argparse.Namespace) -> int:
         resume=args.resume,
         calibration_augment=args.calibration_augment,
         calibration_mix=_mix_pairs(args.calibration_mix or []),
+        broad_mix=args.broad_mix,
         export=args.export,
         trust_remote_code=args.trust_remote_code,
     )

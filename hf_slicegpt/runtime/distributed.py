@@ -82,8 +82,13 @@ def shard(items: Sequence[T]) -> list[T]:
     n, size = len(items), world_size()
     if size == 1:
         return list(items)
-    start, stop = rank() * n // size, (rank() + 1) * n // size
+    start, stop = shard_start(n), (rank() + 1) * n // size
     return list(items[start:stop])
+
+
+def shard_start(n: int) -> int:
+    """The index of this rank's first item in :func:`shard` of ``n`` items."""
+    return rank() * n // world_size() if world_size() > 1 else 0
 
 
 def barrier() -> None:
@@ -134,5 +139,6 @@ __all__ = [
     "local_device",
     "rank",
     "shard",
+    "shard_start",
     "world_size",
 ]

@@ -145,14 +145,17 @@ class PartialState:
         tensors: dict[str, torch.Tensor],
         signals: Any,
         info: dict[str, Any],
+        dense: Any = None,
     ) -> None:
-        """Record that ``layers_done`` layers are finished; ``signals`` is this rank's store (or ``None``)."""
+        """Record that ``layers_done`` layers are finished; ``signals`` is this rank's store (or ``None``), and
+        ``dense`` the dense stream of the output-aware correction (or ``None``)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        signal_file = None
-        if signals is not None:
-            signal_file = f"signals-r{self.rank}-{layers_done:05d}.safetensors"
-            batches = list(_shapes(signals))
-            write_safetensors(self.directory / signal_file, batches, iter(signals))
+        files = {}
+        for kind, store in (("signals", signals), ("dense", dense)):
+            if store is not None:
+                name = f"{kind}-r{self.rank}-{layers_done:05d}.safetensors"
+                write_safetensors(self.directory / name, list(_shapes(store)), iter(store))
+                files[kind] = [f"{kind}-r{r}-{layers_done:05d}.safetensors" for r in range(self.world_size)]
         distributed.barrier()
         if self.rank == 0:
             state_file = f"state-{layers_done:05d}.safetensors"
@@ -165,9 +168,8 @@ class PartialState:
                 "num_layers": self.num_layers,
                 "world_size": self.world_size,
                 "state_file": state_file,
-                "signal_files": None
-                if signal_file is None
-                else [f"signals-r{r}-{layers_done:05d}.safetensors" for r in range(self.world_size)],
+                "signal_files": files.get("signals"),
+                "dense_files": files.get("dense"),
                 **info,
             }
             tmp = self.directory / (STATE_NAME + ".partial")
@@ -177,7 +179,8 @@ class PartialState:
             os.replace(tmp, self.directory / STATE_NAME)
             fsync_dir(self.directory)
             if previous is not None and previous.get("layers_done") != layers_done:
-                for name in [previous.get("state_file"), *(previous.get("signal_files") or [])]:
+                old = [*(previous.get("signal_files") or []), *(previous.get("dense_files") or [])]
+                for name in [previous.get("state_file"), *old]:
                     if name:
                         (self.directory / name).unlink(missing_ok=True)
         distributed.barrier()
@@ -212,9 +215,10 @@ class PartialState:
     def load_tensors(self, record: dict[str, Any], device: torch.device | str) -> dict[str, torch.Tensor]:
         return load_tensors(self.directory / record["state_file"], device)
 
-    def load_signals(self, record: dict[str, Any]) -> Iterable[torch.Tensor]:
-        """This rank's saved activations, one batch at a time, in order."""
-        files = record.get("signal_files")
+    def load_signals(self, record: dict[str, Any], kind: str = "signals") -> Iterable[torch.Tensor]:
+        """This rank's saved activations (``kind`` ``"signals"``, or ``"dense"``: the dense stream), one batch
+        at a time, in order."""
+        files = record.get("signal_files" if kind == "signals" else "dense_files")
         if not files:
             return []
         path = self.directory / files[self.rank]
@@ -229,6 +233,7 @@ class PartialState:
                 STATE_NAME,
                 "state-*.safetensors",
                 "signals-*.safetensors",
+                "dense-*.safetensors",
                 "model-*-of-*.safetensors",
                 "*.partial",
             ):
@@ -240,7 +245,13 @@ class PartialState:
         """Drop the carried state (bases, activations, ``state.json``); finished layer files stay."""
         if self.rank != 0:
             return
-        for pattern in (STATE_NAME, "state-*.safetensors", "signals-*.safetensors", "*.partial"):
+        for pattern in (
+            STATE_NAME,
+            "state-*.safetensors",
+            "signals-*.safetensors",
+            "dense-*.safetensors",
+            "*.partial",
+        ):
             for path in self.directory.glob(pattern):
                 path.unlink(missing_ok=True)
 

@@ -45,8 +45,26 @@ def settings(run: SlicingRun) -> dict[str, Any]:
     }
     if cfg.schedule == "variance":
         out["variance_fraction"] = run.variance_fraction
+    out["correction"] = correction_summary(run)
     out["config"] = cfg.to_dict()  # as requested: SlicingConfig.from_dict(config.slicing) rebuilds it exactly
     return out
+
+
+def correction_summary(run: SlicingRun) -> dict[str, Any]:
+    """Which correction made the weights, and how much of each update's held-out error it removed."""
+    cfg = run.config
+    if cfg.correction == "none":
+        return {"method": "none"}
+    done = [c for c in run.corrections if c["strength"] != float("inf")]
+    before = sum(c["held_out_error"][0] for c in run.corrections)
+    after = sum(c["held_out_error"][1] for c in run.corrections)
+    return {
+        "method": cfg.correction,
+        "fraction": cfg.correction_fraction,
+        "updates": len(run.corrections),
+        "updates_changed": len(done),
+        "held_out_error_ratio": after / before if before > 0 else None,
+    }
 
 
 def sliced_config(
@@ -188,4 +206,4 @@ def assemble(run: SlicingRun, q_embed: torch.Tensor, q_head: torch.Tensor, block
     return sliced
 
 
-__all__ = ["METHOD", "assemble", "settings", "sliced_config"]
+__all__ = ["METHOD", "assemble", "correction_summary", "settings", "sliced_config"]

@@ -18,6 +18,7 @@ SCHEDULES = ("const", "variance")
 MID_BASES = ("auto", "own", "shared")
 TIED_MODES = ("auto", "project", "slice", "untie")
 COVARIANCE_PRECISIONS = ("mixed", "float64")
+CORRECTIONS = ("none", "ridge")
 
 
 class SlicingError(SliceGPTError):
@@ -126,6 +127,21 @@ class SlicingConfig:
             "the attention-output energy that the block's own basis of the same width would"
         },
     )
+    correction: str = field(
+        default="ridge",
+        metadata={
+            "help": "'ridge': after each residual update is sliced, refit its writers and shortcut to the dense "
+            "model's output (closed-form ridge least squares, strength chosen on held-out calibration "
+            "sequences); 'none': the paper's weights"
+        },
+    )
+    correction_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "share of the calibration batches the correction fits on (every 1/f-th batch); the dense "
+            "stream and the normal equations cost that share of a dense forward"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.sparsity = validate_sparsity(self.sparsity)
@@ -146,6 +162,11 @@ class SlicingConfig:
             raise SlicingError("rotation='global' uses one width everywhere; use schedule='const' with it")
         if self.rotation == "global" and not self.slice_head:
             raise SlicingError("rotation='global' slices the head with the same basis; drop slice_head=False")
+        _choice("correction", self.correction, CORRECTIONS)
+        fraction = self.correction_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise SlicingError(f"correction_fraction must be in (0, 1], got {fraction!r}; e.g. 0.25")
+        self.correction_fraction = float(fraction)
         tolerance = self.shared_mid_tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
             raise SlicingError(f"shared_mid_tolerance must be a non-negative number, got {tolerance!r}")

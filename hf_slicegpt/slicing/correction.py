@@ -27,9 +27,8 @@ checkpoint's set of shortcut matrices never changes). ``lambda`` is chosen by th
 sequences held out of the fit (``lambda = inf``, i.e. no correction, is always a candidate), then the solve is
 redone on all sequences. The normal equations are float64 sums of float32 chunk products, as for covariances.
 
-Everything here is pure tensor maths with no knowledge of the layer loop. It is not wired into the loop yet
-(issue 17): it was measured on a research branch of the old engine (BENCHMARKS.md, "Output-aware correction"),
-and the loop's hook points for it are the writer inputs and the dense stream described above.
+Everything here is pure tensor maths with no knowledge of the layer loop; :mod:`.refit` is the loop's step
+that gathers the signals (the dense stream, each writer's input) and applies the solution.
 """
 
 from __future__ import annotations
@@ -45,8 +44,6 @@ from ..errors import SliceGPTError
 
 logger = logging.getLogger(__name__)
 
-CORRECTIONS = ("none", "ridge")
-BASES = ("sliced", "dense")
 # Relative ridge strengths tried (times each feature's own energy, diag(X^T W X)); ``math.inf`` = no correction.
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, math.inf)
 # How token rows are weighted in the fit: "rms" (1 / the dense target's mean square) or "none".
@@ -99,6 +96,18 @@ class NormalEquations:
             self.cross += (xc.T @ tc).to(device, torch.float64)
             self.target_gram += (tc.T @ tc).to(device, torch.float64)
         self.tokens += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum over data-parallel ranks, then take rank 0's sums, so that every rank solves the same system."""
+        from ..runtime import distributed
+
+        if distributed.world_size() == 1:
+            return
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.gram.device)
+        for tensor in (self.gram, self.cross, self.target_gram, tokens):
+            distributed.all_reduce_sum_(tensor)
+            distributed.broadcast_(tensor)
+        self.tokens = int(tokens.item())
 
     def merged(self, other: NormalEquations) -> NormalEquations:
         """The sums over both sets of rows."""
@@ -260,6 +269,10 @@ class SplitEquations:
         for part, rows in ((self.fit, ~held), (self.held, held)):
             if bool(rows.any()):
                 part.add(features[rows], targets[rows], weights[rows])
+
+    def all_reduce(self) -> None:
+        self.fit.all_reduce()
+        self.held.all_reduce()
 
     def rotated(self, q: torch.Tensor) -> SplitEquations:
         out = SplitEquations(self.features, q.shape[1], self.weighting, self.every)

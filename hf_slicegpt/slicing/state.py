@@ -13,8 +13,9 @@ from ..runtime.resume import PartialState, fingerprint
 from .config import SlicingError
 from .context import SignalStats, SlicingRun
 from .plan import WidthPlan
+from .refit import DenseStream, correcting, fit_batches
 from .rotate import replace_module, to_linear
-from .signals import mlp_module
+from .signals import drain, mlp_module
 from .source import SlicedBlock
 from .statistics import next_basis
 
@@ -37,6 +38,7 @@ def run_fingerprint(run: SlicingRun) -> str:
         "vocab_prior": cfg.vocab_prior,
         "tied": run.tied_mode,
         "covariance": cfg.covariance_precision,
+        "correction": [cfg.correction, cfg.correction_fraction],
         "dtype": str(run.dtype),
         "world_size": distributed.world_size(),
     }
@@ -70,6 +72,7 @@ def open_partial(run: SlicingRun, n: int) -> dict[str, Any] | None:
 def restore_plan(run: SlicingRun, record: dict[str, Any]) -> WidthPlan:
     run.stats = [SignalStats(**s) for s in record["stats"]]
     run.position_offset = record["position_offset"]
+    run.corrections = list(record.get("corrections", []))
     if "variance_fraction" in record:
         run.variance_fraction = record["variance_fraction"]
     saved = run.partial.load_tensors(record, "cpu")
@@ -119,15 +122,16 @@ def restore_layers(run: SlicingRun, record: dict[str, Any], need_signals: bool, 
         block = restore_block(run, idx, tensors)
         blocks.append(block)
         run.source.finish(run, idx, block, restored=True)
-    signals = None
+    signals = stream = None
     if need_signals and start < len(run.plan.outputs):
-        from .signals import drain
-
         signals = drain(run, run.partial.load_signals(record))
-    return start, q_embed, q_in, signals
+        if correcting(run):
+            fit, first = fit_batches(run)
+            stream = DenseStream(drain(run, run.partial.load_signals(record, "dense")), fit, first)
+    return start, q_embed, q_in, signals, stream
 
 
-def save_checkpoint(run: SlicingRun, done: int, n: int, q_embed, q_in, signals) -> None:
+def save_checkpoint(run: SlicingRun, done: int, n: int, q_embed, q_in, signals, stream=None) -> None:
     """Save the partial state every ``checkpoint_every`` layers, and once at the end."""
     every = run.options.checkpoint_every
     if run.partial is None or (done < n and (not every or done % every)):
@@ -148,7 +152,10 @@ def save_checkpoint(run: SlicingRun, done: int, n: int, q_embed, q_in, signals) 
     }
     if run.variance_fraction is not None:
         info["variance_fraction"] = run.variance_fraction
-    run.partial.save(done, tensors, signals if done < n else None, info)
+    if run.corrections:
+        info["corrections"] = run.corrections
+    dense = stream.signals if stream is not None and done < n else None
+    run.partial.save(done, tensors, signals if done < n else None, info, dense)
 
 
 logger = logging.getLogger(__name__)

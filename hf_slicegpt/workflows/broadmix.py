@@ -110,6 +110,15 @@ def broad_texts() -> dict[str, str]:
     return {"code": stdlib_code(), "structured": structured_text()}
 
 
+def check_broad_mix(fraction: object) -> None:
+    """Refuse a broad-mix share that is not a number in ``[0, 0.5)``, naming the fix."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 0.5:
+        raise ValueError(
+            f"broad mix fraction must be in [0, 0.5) (the share of the windows per built-in kind), got "
+            f"{fraction!r}; e.g. 0.0625, or 0 to turn it off"
+        )
+
+
 def with_broad_mix(
     tokenizer, calibration: torch.LongTensor, *, fraction: float = BROAD_FRACTION, seed: int = 0
 ) -> torch.LongTensor:
@@ -119,8 +128,7 @@ def with_broad_mix(
     """
     from .data import tokenize_text, windows
 
-    if not 0 <= fraction < 0.5:
-        raise ValueError(f"broad mix fraction must be in [0, 0.5), got {fraction!r}; e.g. 1/16")
+    check_broad_mix(fraction)
     n, seq_len = calibration.shape
     count = max(1, round(fraction * n)) if fraction > 0 else 0
     if count == 0:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..slicing import SlicingConfig, slice_model
+from .broadmix import BROAD_FRACTION, check_broad_mix
 from .loading import capped_seq_len, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ class SliceJob:
     # other sources, as (source, fraction) pairs.
     calibration_augment: str | None = None
     calibration_mix: list[tuple[str, float]] = field(default_factory=list)
+    # The built-in broad mix (workflows.broadmix): this share of the windows per built-in kind of text (Python
+    # source, structured records) replaces calibration windows, so that no calibration set is one kind of text
+    # only. 0 turns it off (the paper's calibration).
+    broad_mix: float = BROAD_FRACTION
     # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
     export: str = "sliced"
     # Run code shipped with the model or tokenizer (an auto_map): only when the user asks for it.
@@ -122,6 +127,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     from .loading import load_model_and_tokenizer
 
     check_output_dir(job.output, job.overwrite, inputs=[job.model, job.calibration])
+    check_broad_mix(job.broad_mix)
     augment = parse_augment(job.calibration_augment)
     if job.export not in ("sliced", "native"):
         raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
@@ -302,11 +308,12 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
 
 
 def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
-    """``job``'s calibration windows, the same on both paths: its source and the mixed-in sources, then (with
-    ``swap:F``) a vocabulary-swapped copy of them. Self-generated text needs the dense model and comes later."""
+    """``job``'s calibration windows, the same on both paths: its source and the mixed-in sources, the built-in
+    broad mix, then (with ``swap:F``) a vocabulary-swapped copy of them. Self-generated text needs the dense model and comes later."""
     import torch
 
     from .augment import parse_augment, swap_for_tokenizer
+    from .broadmix import with_broad_mix
     from .data import mixed_calibration_tokens
 
     calibration = mixed_calibration_tokens(
@@ -320,6 +327,8 @@ def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size
         split=job.split,
         subset=job.subset,
     )
+    if job.broad_mix:
+        calibration = with_broad_mix(tokenizer, calibration, fraction=job.broad_mix, seed=job.seed)
     fraction = parse_augment(job.calibration_augment).swap_fraction
     if fraction:
         swapped = swap_for_tokenizer(calibration, fraction, tokenizer, vocab_size=vocab_size, seed=job.seed)

@@ -1,0 +1,222 @@
+"""Output-aware correction (issue 17): plain SliceGPT against each improvement, in and out of domain.
+
+Calibrate SmolLM2 on one source (default ``pydocs``), slice at each sparsity and mode, and measure perplexity
+relative to dense on the held-out part of the calibration source (in-domain), on every out-of-domain source of
+``benchmarks/robustness.py`` (licences, git release notes, synthetic records), and on ``fortunes``: ordinary
+English quotations and prose from the Debian ``fortunes`` package, read from the apt cache or an installed
+``/usr/share/games/fortunes`` (no setting was tuned on it; evaluation only; skipped when absent).
+
+Variants (comma-separated ``--variants``):
+
+- ``plain``: the paper (``correction="none"``);
+- ``ridge``: writers and shortcuts refit to the dense outputs (``correction="ridge"``);
+- ``ridge-half`` / ``ridge-quarter`` / ``ridge-eighth``: the ridge fitted on every 2nd / 4th / 8th
+  calibration batch (``correction_fraction``);
+- ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix``: the built-in broad mix
+  (``hf_slicegpt.workflows.broadmix``) blended into the calibration windows (same number of windows).
+
+Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
+
+    nice .venv/bin/python benchmarks/correction.py --sparsities 0.25 --num-samples 32 --variants plain,ridge
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from robustness import ood_sources  # noqa: E402
+
+import hf_slicegpt  # noqa: E402
+from hf_slicegpt.workflows.broadmix import with_broad_mix  # noqa: E402
+from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens  # noqa: E402
+from hf_slicegpt.workflows.evaluation import perplexity  # noqa: E402
+from hf_slicegpt.workflows.loading import load_model_and_tokenizer  # noqa: E402
+
+logger = logging.getLogger("correction")
+
+VARIANTS = {
+    "plain": dict(correction="none"),
+    "ridge": dict(correction="ridge"),
+    "ridge-half": dict(correction="ridge", correction_fraction=0.5),
+    "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),
+    "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
+    "mix": dict(correction="none", mix=True),
+    "ridge+mix": dict(correction="ridge", mix=True),
+    "ridge-quarter+mix": dict(correction="ridge", correction_fraction=0.25, mix=True),
+}
+FORTUNE_FILES = ("people", "wisdom", "love", "education", "work", "food", "pets", "humorists", "men-women")
+
+
+def fortunes(root: Path) -> str | None:
+    """Fortune cookies (English quotations and short prose) as a .txt directory, or None if unavailable."""
+    installed = Path("/usr/share/games/fortunes")
+    if not installed.is_dir():
+        debs = sorted(Path("/var/cache/apt/archives").glob("fortunes_*_all.deb"))
+        if not debs:
+            return None
+        unpacked = root / "fortunes-deb"
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], check=True)
+        installed = unpacked / "usr/share/games/fortunes"
+    target = root / "fortunes"
+    target.mkdir()
+    for name in FORTUNE_FILES:
+        path = installed / name
+        if path.is_file():
+            text = path.read_text(errors="replace").replace("\n%\n", "\n\n")
+            (target / f"{name}.txt").write_text(text)
+    return str(target)
+
+
+def dense_forward_seconds(model, calib: torch.LongTensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, calib.shape[0], batch_size):
+            model(calib[i : i + batch_size])
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--calibration", default="pydocs")
+    parser.add_argument("--sparsities", default="0.25")
+    parser.add_argument("--modes", default="layer", help="comma-separated rotations: layer,global")
+    parser.add_argument("--variants", default="plain,ridge")
+    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--no-ood", action="store_true", help="in-domain only")
+    parser.add_argument("--no-timing", action="store_true", help="skip timing the dense forward")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--dense-cache", type=Path, default=None, help="JSON file to reuse dense figures from"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in ("hf_slicegpt.workflows.data", "hf_slicegpt.workflows.broadmix"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+    workdir = Path(tempfile.mkdtemp(prefix="correction-"))
+    dense, tokenizer = load_model_and_tokenizer(args.model)
+    dense.eval()
+    calib = calibration_tokens(
+        tokenizer, args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=0
+    )
+    evals = {
+        "in-domain": evaluation_tokens(tokenizer, args.calibration, seq_len=512, max_tokens=args.eval_tokens)
+    }
+    if not args.no_ood:
+        sources = ood_sources(workdir)
+        prose = fortunes(workdir)
+        if prose is not None:
+            sources["fortunes"] = prose
+        for name, source in sources.items():
+            evals[name] = evaluation_tokens(
+                tokenizer, source, seq_len=512, max_tokens=args.eval_tokens, split="all"
+            )
+
+    def measure(model) -> dict[str, float]:
+        return {
+            n: perplexity(model, ids, batch_size=4, show_progress=False).perplexity
+            for n, ids in evals.items()
+        }
+
+    key = f"{args.model}|{args.calibration}|{args.num_samples}x{args.seq_len}|{args.eval_tokens}|{sorted(evals)}"
+    cache = json.loads(args.dense_cache.read_text()) if args.dense_cache and args.dense_cache.exists() else {}
+    if key in cache:  # the dense figures of an earlier run with the same data (exploration on a busy machine)
+        dense_ppl, dense_seconds = cache[key]["ppl"], cache[key]["seconds"]
+    else:
+        dense_ppl = measure(dense)
+        dense_seconds = math.nan if args.no_timing else dense_forward_seconds(dense, calib, args.batch_size)
+        if args.dense_cache:
+            cache[key] = {"ppl": dense_ppl, "seconds": dense_seconds}
+            args.dense_cache.write_text(json.dumps(cache, indent=2))
+    logger.info("dense: %s; one dense forward over the calibration: %.1f s", dense_ppl, dense_seconds)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    rows = []
+    for mode in args.modes.split(","):
+        for variant in args.variants.split(","):
+            settings = VARIANTS[variant]
+            data = with_broad_mix(tokenizer, calib) if settings.get("mix") else calib
+            for sparsity in map(float, args.sparsities.split(",")):
+                model = copy.deepcopy(dense)
+                start = time.perf_counter()
+                sliced = hf_slicegpt.slice_model(
+                    model,
+                    data,
+                    sparsity,
+                    rotation=mode,
+                    batch_size=args.batch_size,
+                    correction=settings["correction"],
+                    correction_fraction=settings.get("correction_fraction", 1.0),
+                    show_progress=False,
+                )
+                seconds = time.perf_counter() - start
+                ppl = measure(sliced)
+                params = sum(p.numel() for p in sliced.parameters())
+                row = dict(
+                    mode=mode,
+                    variant=variant,
+                    sparsity=sparsity,
+                    seconds=seconds,
+                    slice_over_dense_forward=seconds / dense_seconds,
+                    params_over_dense=params / dense_params,
+                    ppl=ppl,
+                    relative={k: v / dense_ppl[k] for k, v in ppl.items()},
+                )
+                rows.append(row)
+                logger.info(
+                    "%s %s @ %.2f (%.0f s, %.2fx dense fwd): %s",
+                    mode,
+                    variant,
+                    sparsity,
+                    seconds,
+                    row["slice_over_dense_forward"],
+                    {k: round(v, 3) for k, v in row["relative"].items()},
+                )
+                del sliced, model
+    names = list(evals)
+    print(
+        "perplexity relative to dense (dense: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in dense_ppl.items())
+        + ")"
+    )
+    print(
+        f"calibration {args.calibration} {args.num_samples} x {args.seq_len}; one dense forward over it "
+        f"{dense_seconds:.1f} s"
+    )
+    header = ["mode", "variant", "sparsity", *names, "params", "slice s", "slice/fwd"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        cells = [r["mode"], r["variant"], f"{r['sparsity']:.2f}", *(f"{r['relative'][n]:.3f}" for n in names)]
+        cells += [
+            f"{r['params_over_dense']:.3f}",
+            f"{r['seconds']:.0f}",
+            f"{r['slice_over_dense_forward']:.2f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "dense": dense_ppl, "rows": rows}
+        args.out.write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()

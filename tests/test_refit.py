@@ -1,0 +1,185 @@
+"""The output-aware correction in the layer loop (``hf_slicegpt.slicing.refit``), through the public API.
+
+Exact at 0% in every family and mode, deterministic, the checkpoint layout unchanged, every block's output
+closer to the dense model's on text held out from calibration, resumable bit for bit, and a broken solve seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from tiny import FAMILIES, calibration, make_low_rank_llama, make_tiny
+
+import hf_slicegpt
+from hf_slicegpt.slicing import SlicingConfig, SlicingError, correction
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("rotation", ["layer", "global"])
+def test_correction_is_exact_at_zero_sparsity(family, rotation):
+    dense = make_tiny(family)
+    test = calibration(4, 16, seed=7)
+    with torch.no_grad():
+        expected = dense(test).logits
+    sliced = hf_slicegpt.slice_model(
+        copy.deepcopy(dense),
+        calibration(16, 16),
+        0.0,
+        rotation=rotation,
+        correction="ridge",
+        show_progress=False,
+    )
+    with torch.no_grad():
+        assert (sliced(test).logits - expected).abs().max() < 1e-4
+    recorded = sliced.config.slicing["correction"]
+    assert recorded["method"] == "ridge" and recorded["updates"] >= sliced.config.num_hidden_layers
+
+
+def test_correction_is_deterministic_and_keeps_the_checkpoint_layout():
+    dense = make_tiny("llama")
+    runs = [
+        hf_slicegpt.slice_model(
+            copy.deepcopy(dense), calibration(16, 16), 0.25, correction="ridge", show_progress=False
+        )
+        for _ in range(2)
+    ]
+    plain = hf_slicegpt.slice_model(
+        copy.deepcopy(dense), calibration(16, 16), 0.25, correction="none", show_progress=False
+    )
+    first, second, reference = runs[0].state_dict(), runs[1].state_dict(), plain.state_dict()
+    assert first.keys() == second.keys() == reference.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert all(first[k].shape == reference[k].shape for k in first)
+    assert any(not torch.equal(first[k], reference[k]) for k in first)
+    assert plain.config.slicing["correction"] == {"method": "none"}
+
+
+def _block_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _i, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for layer in model.model.layers
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [o.reshape(-1, o.shape[-1]).double() for o in outputs]
+
+
+def _procrustes_error(sliced: torch.Tensor, dense: torch.Tensor) -> float:
+    """Relative error of a sliced signal against the dense one under the best isometry (basis-free)."""
+    weights = 1.0 / dense.pow(2).mean(-1, keepdim=True)
+    u, _, vh = torch.linalg.svd((dense * weights).T @ sliced, full_matrices=False)
+    basis = u @ vh
+    return float((weights * (sliced - dense @ basis) ** 2).sum() / (weights * dense**2).sum())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: make_tiny("llama"),
+        lambda: make_low_rank_llama(22, attention_rank=6),
+        lambda: make_tiny("phi"),
+    ],
+    ids=["llama", "low-rank-llama", "phi-parallel"],
+)
+def test_correction_lowers_every_block_error_on_held_out_text(build):
+    dense = build()
+    held_out = calibration(16, 32, seed=7)
+    reference = _block_outputs(dense, held_out)
+    errors = {}
+    for mode in ("none", "ridge"):
+        sliced = hf_slicegpt.slice_model(
+            copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, show_progress=False
+        )
+        errors[mode] = [_procrustes_error(s, d) for s, d in zip(_block_outputs(sliced, held_out), reference)]
+    # A block with nothing to correct (the low-rank model's first: the slice loses nothing) stays as it was.
+    for plain, corrected in zip(errors["none"], errors["ridge"]):
+        assert corrected <= plain * (1 + 1e-4)
+    assert sum(errors["ridge"]) < 0.9 * sum(errors["none"])
+
+
+def _logit_error(dense, calib, test, **options) -> float:
+    with torch.no_grad():
+        expected = dense(test).logits
+        sliced = hf_slicegpt.slice_model(copy.deepcopy(dense), calib, show_progress=False, **options)
+        return float(((sliced(test).logits - expected) ** 2).mean())
+
+
+def test_the_default_corrects_and_a_broken_solve_is_seen(monkeypatch):
+    """The default config corrects; with the solve broken (only "no correction" left to choose) the default
+    run gives the plain model back, which this test tells apart."""
+    assert SlicingConfig(sparsity=0.25).correction == "ridge"
+    dense = make_low_rank_llama(28)
+    calib, test = calibration(64, 32), calibration(8, 32, seed=7)
+    default, plain = (
+        _logit_error(dense, calib, test, sparsity=0.25),
+        _logit_error(dense, calib, test, sparsity=0.25, correction="none"),
+    )
+    monkeypatch.setattr(correction, "RIDGE_GRID", (math.inf,))
+    broken = _logit_error(dense, calib, test, sparsity=0.25)
+    assert default < 0.9 * plain
+    assert broken == pytest.approx(plain, rel=1e-3)
+
+
+def test_a_fraction_of_the_batches_is_enough_and_bad_fractions_are_named():
+    dense = make_tiny("llama")
+    calib, test = calibration(64, 32), calibration(8, 32, seed=7)
+    corrected = _logit_error(dense, calib, test, sparsity=0.25, correction_fraction=0.5, batch_size=8)
+    assert corrected < _logit_error(dense, calib, test, sparsity=0.25, correction="none")
+    for bad in (0.0, 1.5, True, "half"):
+        with pytest.raises(SlicingError, match="correction_fraction must be in"):
+            hf_slicegpt.slice_model(dense, calib, 0.25, correction_fraction=bad)
+    with pytest.raises(SlicingError, match="correction must be one of"):
+        hf_slicegpt.slice_model(dense, calib, 0.25, correction="lsq")
+
+
+def test_global_rotation_corrects_only_the_writers():
+    """Global rotation has no shortcut matrices; the correction keeps it so (native export stays possible)."""
+    dense = make_tiny("llama")
+    calib, test = calibration(64, 32), calibration(8, 32, seed=7)
+    options = dict(sparsity=0.25, rotation="global")
+    sliced = hf_slicegpt.slice_model(copy.deepcopy(dense), calib, show_progress=False, **options)
+    assert not any("shortcut" in name for name, _ in sliced.named_parameters())
+    assert _logit_error(dense, calib, test, **options) < _logit_error(
+        dense, calib, test, correction="none", **options
+    )
+    hf_slicegpt.to_native(sliced)  # still exportable to the family's own architecture
+
+
+def test_resume_with_correction_is_bit_identical(tmp_path):
+    dense = make_tiny("llama", num_hidden_layers=3)
+    calib = calibration(16, 16)
+    options = dict(sparsity=0.25, correction_fraction=0.5, batch_size=4, show_progress=False)
+    whole = hf_slicegpt.slice_model(copy.deepcopy(dense), calib, **options)
+
+    class Stop(Exception):
+        pass
+
+    state = tmp_path / "state"
+
+    def interrupt(name, cov, signals, masks):
+        if name == "layer 2 output":  # in the third block: two blocks are checkpointed
+            raise Stop
+        return cov
+
+    with pytest.raises(Stop):
+        hf_slicegpt.slice_model(
+            copy.deepcopy(dense), calib, checkpoint_dir=state, checkpoint_every=1,
+            hooks=hf_slicegpt.SlicingHooks(covariance=interrupt), **options,
+        )  # fmt: skip
+    assert any(state.glob("dense-r0-*.safetensors"))
+    resumed = hf_slicegpt.slice_model(
+        copy.deepcopy(dense), calib, checkpoint_dir=state, resume=True, **options
+    )
+    first, second = whole.state_dict(), resumed.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert resumed.config.slicing["correction"] == whole.config.slicing["correction"]
