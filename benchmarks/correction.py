@@ -49,9 +49,9 @@ logger = logging.getLogger("correction")
 
 VARIANTS = {
     "plain": dict(correction="none"),
-    "ridge": dict(correction="ridge"),
+    "ridge": dict(correction="ridge", correction_fraction=1.0),
     "ridge-half": dict(correction="ridge", correction_fraction=0.5),
-    "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),
+    "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),  # the default
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "mix": dict(correction="none", mix=True),
     "ridge+mix": dict(correction="ridge", mix=True),

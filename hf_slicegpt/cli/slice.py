@@ -100,7 +100,7 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "metavar": "F",
             "type": float,
             "default": None,
-            "help": "share of the calibration batches the correction fits on (default 1: all)",
+            "help": "share of the calibration batches the correction fits on (default 0.25: every 4th)",
         },
     ),
     (

@@ -56,6 +56,7 @@ def correction_summary(run: SlicingRun) -> dict[str, Any]:
     if cfg.correction == "none":
         return {"method": "none"}
     done = [c for c in run.corrections if c["strength"] != float("inf")]
+    chosen = sorted({c["strength"] for c in run.corrections})
     before = sum(c["held_out_error"][0] for c in run.corrections)
     after = sum(c["held_out_error"][1] for c in run.corrections)
     return {
@@ -64,6 +65,7 @@ def correction_summary(run: SlicingRun) -> dict[str, Any]:
         "updates": len(run.corrections),
         "updates_changed": len(done),
         "held_out_error_ratio": after / before if before > 0 else None,
+        "strengths": {f"{s:g}": sum(c["strength"] == s for c in run.corrections) for s in chosen},
     }
 
 

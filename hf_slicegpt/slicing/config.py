@@ -136,7 +136,7 @@ class SlicingConfig:
         },
     )
     correction_fraction: float = field(
-        default=1.0,
+        default=0.25,
         metadata={
             "help": "share of the calibration batches the correction fits on (every 1/f-th batch); the dense "
             "stream and the normal equations cost that share of a dense forward"
