@@ -12,6 +12,8 @@ Variants (comma-separated ``--variants``):
 - ``ridge``: writers and shortcuts refit to the dense outputs (``correction="ridge"``);
 - ``ridge-half`` / ``ridge-quarter`` / ``ridge-eighth``: the ridge fitted on every 2nd / 4th / 8th
   calibration batch (``correction_fraction``);
+- ``ridge-quarter-dense``: the default ridge with each basis taken from the dense model's output that the
+  correction fits (``correction_basis="dense"``): bases chosen by what the next computations should see;
 - ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix``: the built-in broad mix
   (``hf_slicegpt.workflows.broadmix``) blended into the calibration windows (same number of windows).
 
@@ -53,6 +55,7 @@ VARIANTS = {
     "ridge-half": dict(correction="ridge", correction_fraction=0.5),
     "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),  # the default
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
+    "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
     "mix": dict(correction="none", mix=True),
     "ridge+mix": dict(correction="ridge", mix=True),
     "ridge-quarter+mix": dict(correction="ridge", correction_fraction=0.25, mix=True),
@@ -165,6 +168,7 @@ def main() -> None:
                     batch_size=args.batch_size,
                     correction=settings["correction"],
                     correction_fraction=settings.get("correction_fraction", 1.0),
+                    correction_basis=settings.get("correction_basis", "sliced"),
                     show_progress=False,
                 )
                 seconds = time.perf_counter() - start

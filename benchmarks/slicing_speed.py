@@ -38,16 +38,20 @@ logger = logging.getLogger("slicing_speed")
 
 # Profile phases: (label, [(file suffix, function name)]); cumulative times of these functions.
 PHASES = [
-    ("block compute (attention + MLP at sliced width)", [("slicing.py", "_attention"), ("modeling_llama.py", "forward")]),
+    # (with the correction, the dense stream's MLP forwards count here too)
+    ("block compute (attention + MLP at sliced width)", [("signals.py", "attention"), ("modeling_llama.py", "forward")]),
     ("covariance sums", [("pca.py", "add")]),
     ("eigendecompositions", [("pca.py", "eigenbasis")]),
-    ("signal rotations (expand to full width, rotate back)", [("slicing.py", "_expand"), ("slicing.py", "_rotate_signals")]),
+    ("signal rotations (expand to full width, rotate back)", [("signals.py", "expand"), ("signals.py", "rotate_signals")]),
     ("weight rotations (fold, rotate, shortcuts)", [
-        ("slicing.py", "_rotate_readers"), ("slicing.py", "_rotate_writer"), ("slicing.py", "_shortcut"),
-        ("slicing.py", "_center_writer"),
+        ("rotate.py", "rotate_readers"), ("rotate.py", "rotate_writer"), ("rotate.py", "shortcut"),
+        ("rotate.py", "center_writer_module"),
     ]),
-    ("embeddings, masks, rotary tables", [("slicing.py", "_prepare_batches")]),
-    ("assembling the sliced model", [("slicing.py", "_assemble")]),
+    ("embeddings, masks, rotary tables", [("signals.py", "embed_calibration")]),
+    ("correction: dense stream (dense block forwards)", [("refit.py", "dense_targets")]),
+    ("correction: normal equations", [("correction.py", "add")]),
+    ("correction: ridge solves and corrected signals", [("refit.py", "apply_correction")]),
+    ("assembling the sliced model", [("assemble.py", "assemble")]),
 ]  # fmt: skip
 
 
@@ -96,6 +100,8 @@ def phase_split(profile: cProfile.Profile) -> dict[str, float]:
             for (file, _line, name), (_cc, _nc, _tt, ct, _callers) in stats.items()
             if any(file.endswith(suffix) and name == fn for suffix, fn in functions)
             and not (name == "forward" and "MLP" not in _qualname_hint(file, _line))
+            # correction.py's SplitEquations.add calls NormalEquations.add: count the outer one only
+            and not (file.endswith("correction.py") and "SplitEquations" not in _qualname_hint(file, _line))
         )
     return split
 
@@ -134,6 +140,12 @@ def main() -> None:
         "--no-dense",
         action="store_true",
         help="only slice and score (e.g. a second precision run alongside a full one); no ratio",
+    )
+    parser.add_argument(
+        "--correction",
+        choices=["ridge", "none"],
+        default=slicing.SlicingConfig(sparsity=0.0).correction,
+        help="the output-aware correction (default: the library's default); none: the paper's loop alone",
     )
     parser.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
@@ -176,7 +188,9 @@ def main() -> None:
         sliced = slicing.slice_model(
             model,
             calibration,
-            slicing.SlicingConfig(sparsity=args.sparsity, covariance_precision=precision),
+            slicing.SlicingConfig(
+                sparsity=args.sparsity, covariance_precision=precision, correction=args.correction
+            ),
             batch_size=args.batch_size,
             device=device,
             show_progress=False,

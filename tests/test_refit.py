@@ -184,3 +184,25 @@ def test_resume_with_correction_is_bit_identical(tmp_path):
     first, second = whole.state_dict(), resumed.state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert resumed.config.slicing["correction"] == whole.config.slicing["correction"]
+
+
+def test_dense_bases_are_the_pca_of_the_dense_output():
+    """correction_basis="dense" takes each kept basis from the dense model's output (what the correction fits
+    the sliced one to): at 0% it is still exact, and the recorded spectra are the dense signals' own."""
+    dense = make_low_rank_llama(12)
+    calib, test = calibration(32, 16), calibration(4, 16, seed=7)
+    options = dict(correction_basis="dense", correction_fraction=1.0, show_progress=False)
+    with torch.no_grad():
+        expected = dense(test).logits
+        exact = hf_slicegpt.slice_model(copy.deepcopy(dense), calib, 0.0, **options)
+        assert (exact(test).logits - expected).abs().max() < 1e-4
+    seen = []
+    hooks = hf_slicegpt.SlicingHooks(
+        covariance=lambda name, cov, signals, masks: seen.append((name, len(signals))) or cov
+    )
+    hf_slicegpt.slice_model(copy.deepcopy(dense), calib, 0.5, hooks=hooks, **options)
+    # the embeddings' basis comes from the calibration signals; every later one from the dense targets
+    assert seen[0] == ("embeddings", 4)
+    assert all(count == 0 for name, count in seen[1:] if "output" in name and "attention" not in name)
+    with pytest.raises(SlicingError, match="correction_basis must be one of"):
+        SlicingConfig(sparsity=0.25, correction_basis="target")

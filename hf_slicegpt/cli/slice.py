@@ -104,6 +104,15 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (
+        "--correction-basis",
+        {
+            "choices": ["sliced", "dense"],
+            "default": None,
+            "help": "with a correction, each basis is the PCA of the sliced output (default, the paper) or of "
+            "the dense output the correction fits",
+        },
+    ),
+    (
         "--vocab-prior",
         {
             "type": float,

@@ -19,6 +19,7 @@ MID_BASES = ("auto", "own", "shared")
 TIED_MODES = ("auto", "project", "slice", "untie")
 COVARIANCE_PRECISIONS = ("mixed", "float64")
 CORRECTIONS = ("none", "ridge")
+CORRECTION_BASES = ("sliced", "dense")
 
 
 class SlicingError(SliceGPTError):
@@ -142,6 +143,13 @@ class SlicingConfig:
             "stream and the normal equations cost that share of a dense forward"
         },
     )
+    correction_basis: str = field(
+        default="sliced",
+        metadata={
+            "help": "with a correction, what each basis is the PCA of: 'sliced', the sliced model's output "
+            "(the paper); 'dense', the dense model's output that the correction fits (on the fitted batches)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.sparsity = validate_sparsity(self.sparsity)
@@ -163,6 +171,7 @@ class SlicingConfig:
         if self.rotation == "global" and not self.slice_head:
             raise SlicingError("rotation='global' slices the head with the same basis; drop slice_head=False")
         _choice("correction", self.correction, CORRECTIONS)
+        _choice("correction_basis", self.correction_basis, CORRECTION_BASES)
         fraction = self.correction_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise SlicingError(f"correction_fraction must be in (0, 1], got {fraction!r}; e.g. 0.25")

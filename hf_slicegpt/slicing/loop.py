@@ -93,6 +93,17 @@ def _first_basis(run: SlicingRun, calib: _Calibration) -> torch.Tensor:
     return q_in
 
 
+def _choose_basis(
+    run: SlicingRun, full, calib: _Calibration, pending: PendingUpdate | None, name: str, width
+):
+    """The next basis: the PCA of the sliced output (the paper), or with ``correction_basis="dense"`` of the
+    dense output that the correction fits it to."""
+    cov = None if pending is None or run.global_basis is not None else pending.target_covariance
+    if cov is None:
+        return next_basis(run, full, calib.masks, name, width)
+    return basis(run, run.hooks.covariance(name, cov, (), ()) if run.hooks.covariance else cov, width)
+
+
 def _advance(run: SlicingRun, calib: _Calibration, pending: PendingUpdate | None, q: torch.Tensor, sc):
     """After an update whose basis is ``q``: with a correction, solve it and carry the corrected signals."""
     if pending is None:
@@ -126,7 +137,7 @@ def _sequential_block(run: SlicingRun, idx: int, layer, attn, mlp, q_in, calib: 
         if calib.needed and run.config.mid_basis == "auto" and run.global_basis is None:
             q_mid = check_shared_mid(run, idx, full, calib.masks, q_in)
     else:
-        q_mid = next_basis(run, full, calib.masks, f"layer {idx} attention output", plan.mids[idx])
+        q_mid = _choose_basis(run, full, calib, pending, f"layer {idx} attention output", plan.mids[idx])
     rotate_writer(attn, adapter.attn_output, q_mid, run.dtype, run.device)
     _readers(run, mlp, mlp_readers, layer.get_submodule(adapter.mlp_norm), q_mid)
     attn_shortcut = shortcut(q_in, q_mid, run.dtype, run.home)
@@ -140,7 +151,7 @@ def _sequential_block(run: SlicingRun, idx: int, layer, attn, mlp, q_in, calib: 
             run, f"layer {idx} output", calib, q_mid, lambda x, kw: (mlp(run.norm(x)),),
             [(mlp, mlp_writer)], stream, None if stream is None else stream.signals,
         )  # fmt: skip
-    q_out = next_basis(run, full, calib.masks, f"layer {idx} output", plan.outputs[idx])
+    q_out = _choose_basis(run, full, calib, pending, f"layer {idx} output", plan.outputs[idx])
     rotate_writer(mlp, mlp_writer, q_out, run.dtype, run.device)
     mlp_shortcut = shortcut(q_mid, q_out, run.dtype, run.home)
     if pending is not None:
@@ -163,7 +174,7 @@ def _parallel_block(run: SlicingRun, idx: int, layer, attn, mlp, q_in, calib: _C
             lambda x, kw: (attention(run, attn, x, kw), mlp(run.norm(x))),
             [(attn, adapter.attn_output), (mlp, mlp_writer)], stream, None if stream is None else stream.signals,
         )  # fmt: skip
-    q_out = next_basis(run, full, calib.masks, f"layer {idx} output", run.plan.outputs[idx])
+    q_out = _choose_basis(run, full, calib, pending, f"layer {idx} output", run.plan.outputs[idx])
     rotate_writer(attn, adapter.attn_output, q_out, run.dtype, run.device)
     rotate_writer(mlp, mlp_writer, q_out, run.dtype, run.device)
     block_shortcut = shortcut(q_in, q_out, run.dtype, run.home)

@@ -27,8 +27,10 @@ from ..runtime import distributed
 from ..runtime.offload import ActivationStore
 from .context import SlicingRun
 from .correction import SplitEquations, split_theta, with_bias
+from .pca import Covariance
 from .rotate import replace_module, to_linear
 from .signals import block_output, drain, expand, layer_kwargs, new_store
+from .statistics import new_covariance
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class PendingUpdate:
     sizes: list[int]  # row blocks of Theta: shortcut, each writer, (bias)
     bias: bool
     q_from: torch.Tensor
+    target_covariance: Covariance | None = None  # the dense targets' (``correction_basis="dense"``)
 
 
 def correcting(run: SlicingRun) -> bool:
@@ -142,6 +145,8 @@ def update_pass(
     pending = PendingUpdate(
         name, SplitEquations(sum(sizes), run.hidden), new_store(run), writers, sizes, bias, q_from
     )
+    if run.config.correction_basis == "dense":
+        pending.target_covariance = new_covariance(run, name)
     captured: list[torch.Tensor] = []
     handles = [m.register_forward_pre_hook(lambda _m, args: captured.append(args[0])) for m in modules]
 
@@ -156,6 +161,8 @@ def update_pass(
                 features = with_bias(torch.cat([x.to(torch.float32), inputs], dim=-1), bias)
                 # the residual of the un-corrected output (zero at 0%), each token weighted by its dense target
                 pending.equations.add(features, target - out, mask, stream.first[i], reference=target)
+                if pending.target_covariance is not None:
+                    pending.target_covariance.add(target, mask)
             pending.inputs.append(inputs.to(run.dtype))
             yield out
 
