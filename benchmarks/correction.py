@@ -12,9 +12,11 @@ Variants (comma-separated ``--variants``):
 - ``ridge``: writers and shortcuts refit to the dense outputs (``correction="ridge"``);
 - ``ridge-half`` / ``ridge-quarter`` / ``ridge-eighth``: the ridge fitted on every 2nd / 4th / 8th
   calibration batch (``correction_fraction``);
-- ``ridge-quarter-dense``: the default ridge with each basis taken from the dense model's output that the
+- ``default``: the library's default (``correction_fraction=None``: every batch up to 16,384 calibration
+  tokens, every k-th beyond, so about that many are fitted; at 128 x 512 that is ``ridge-quarter``);
+- ``default-dense`` / ``ridge-quarter-dense``: with each basis taken from the dense model's output that the
   correction fits (``correction_basis="dense"``): bases chosen by what the next computations should see;
-- ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix``: the built-in broad mix
+- ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix`` / ``default+mix``: the built-in broad mix
   (``hf_slicegpt.workflows.broadmix``) blended into the calibration windows (same number of windows).
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
@@ -51,9 +53,12 @@ logger = logging.getLogger("correction")
 
 VARIANTS = {
     "plain": dict(correction="none"),
-    "ridge": dict(correction="ridge", correction_fraction=1.0),
+    "ridge": dict(correction="ridge", correction_fraction=1.0),  # every batch
     "ridge-half": dict(correction="ridge", correction_fraction=0.5),
-    "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),  # the default
+    "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),
+    "default": dict(correction="ridge", correction_fraction=None),  # fraction: automatic (~16k tokens fitted)
+    "default+mix": dict(correction="ridge", correction_fraction=None, mix=True),
+    "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
     "mix": dict(correction="none", mix=True),
@@ -167,7 +172,7 @@ def main() -> None:
                     rotation=mode,
                     batch_size=args.batch_size,
                     correction=settings["correction"],
-                    correction_fraction=settings.get("correction_fraction", 1.0),
+                    correction_fraction=settings.get("correction_fraction"),
                     correction_basis=settings.get("correction_basis", "sliced"),
                     show_progress=False,
                 )

@@ -11,6 +11,7 @@ from ..checkpoint.validation import check_finite_weights, record_achieved_sparsi
 from ..modeling.configuration_sliced import SlicedConfig
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
 from .context import SlicingRun
+from .refit import fit_step
 from .rotate import center_rows, embedding_scale, fold_norm, norm_parameters, to_linear
 from .source import SlicedBlock
 
@@ -62,6 +63,7 @@ def correction_summary(run: SlicingRun) -> dict[str, Any]:
     return {
         "method": cfg.correction,
         "fraction": cfg.correction_fraction,
+        "fit_every": fit_step(run),
         "updates": len(run.corrections),
         "updates_changed": len(done),
         "held_out_error_ratio": after / before if before > 0 else None,

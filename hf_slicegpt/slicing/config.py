@@ -20,6 +20,10 @@ TIED_MODES = ("auto", "project", "slice", "untie")
 COVARIANCE_PRECISIONS = ("mixed", "float64")
 CORRECTIONS = ("none", "ridge")
 CORRECTION_BASES = ("sliced", "dense")
+# With correction_fraction=None the correction fits on about this many calibration tokens: enough for the
+# largest regression (an MLP update of SmolLM2 has 2,112 features), and a cost that stops growing with the
+# calibration set (fitting costs ~2 block forwards per fitted token).
+CORRECTION_TOKENS = 16384
 
 
 class SlicingError(SliceGPTError):
@@ -136,11 +140,12 @@ class SlicingConfig:
             "sequences); 'none': the paper's weights"
         },
     )
-    correction_fraction: float = field(
-        default=0.25,
+    correction_fraction: float | None = field(
+        default=None,
         metadata={
             "help": "share of the calibration batches the correction fits on (every 1/f-th batch); the dense "
-            "stream and the normal equations cost that share of a dense forward"
+            "stream and the normal equations cost that share of a dense forward. None: every batch up to "
+            "CORRECTION_TOKENS calibration tokens, then every k-th batch so that about that many are fitted"
         },
     )
     correction_basis: str = field(
@@ -173,9 +178,12 @@ class SlicingConfig:
         _choice("correction", self.correction, CORRECTIONS)
         _choice("correction_basis", self.correction_basis, CORRECTION_BASES)
         fraction = self.correction_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise SlicingError(f"correction_fraction must be in (0, 1], got {fraction!r}; e.g. 0.25")
-        self.correction_fraction = float(fraction)
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+                raise SlicingError(
+                    f"correction_fraction must be in (0, 1] or None (automatic), got {fraction!r}; e.g. 0.25"
+                )
+            self.correction_fraction = float(fraction)
         tolerance = self.shared_mid_tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
             raise SlicingError(f"shared_mid_tolerance must be a non-negative number, got {tolerance!r}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..runtime import distributed
 from ..runtime.offload import ActivationStore
+from .config import CORRECTION_TOKENS
 from .context import SlicingRun
 from .correction import SplitEquations, split_theta, with_bias
 from .pca import Covariance
@@ -70,10 +71,23 @@ def _centred(run: SlicingRun, signal: torch.Tensor) -> torch.Tensor:
     return signal - signal.mean(-1, keepdim=True) if run.layer_norm else signal
 
 
+def fit_step(run: SlicingRun) -> int:
+    """The correction fits on every ``step``-th calibration batch: ``1 / correction_fraction``, or with
+    ``None`` the largest step that still fits on about ``CORRECTION_TOKENS`` tokens."""
+    fraction = run.config.correction_fraction
+    if fraction is not None:
+        return max(1, round(1 / fraction))
+    tokens = sum(
+        int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
+        for b in run.all_batches
+    )
+    return max(1, tokens // CORRECTION_TOKENS)
+
+
 def fit_batches(run: SlicingRun) -> tuple[list[bool], list[int]]:
-    """Which of this rank's batches the correction fits on (every ``1 / correction_fraction``-th batch of the
-    whole calibration set, so the choice does not depend on the number of ranks), and their first sequences."""
-    step = max(1, round(1 / run.config.correction_fraction))
+    """Which of this rank's batches the correction fits on (every :func:`fit_step`-th batch of the whole
+    calibration set, so the choice does not depend on the number of ranks), and their first sequences."""
+    step = fit_step(run)
     sizes = [int(b.input_ids.shape[0]) for b in run.all_batches]
     offset = distributed.shard_start(len(sizes))
     fit = [(offset + i) % step == 0 for i in range(len(run.batches))]
