@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,7 +125,7 @@ def test_the_default_correction_beats_the_paper_in_and_out_of_domain(
     sources = {"in-domain": held_out}
     if os.path.isfile(LICENCE):  # Debian's licence texts (every CI machine here has them)
         text = tmp_path / "apache-2.0.txt"  # text sources are read by extension
-        text.write_text(open(LICENCE, encoding="utf-8").read(), encoding="utf-8")
+        text.write_text(Path(LICENCE).read_text(encoding="utf-8"), encoding="utf-8")
         sources["licence"] = evaluation_tokens(
             smollm2[1], str(text), seq_len=SEQ_LEN, max_tokens=SEQ_LEN * EVAL_WINDOWS, split="all"
         )
