@@ -38,7 +38,7 @@ def run_fingerprint(run: SlicingRun) -> str:
         "vocab_prior": cfg.vocab_prior,
         "tied": run.tied_mode,
         "covariance": cfg.covariance_precision,
-        "correction": [cfg.correction, cfg.correction_fraction],
+        "correction": [cfg.correction, cfg.correction_fraction, cfg.correction_basis],
         "dtype": str(run.dtype),
         "world_size": distributed.world_size(),
     }

@@ -133,13 +133,19 @@ def with_broad_mix(
     count = max(1, round(fraction * n)) if fraction > 0 else 0
     if count == 0:
         return calibration
+    keep = n - count * len(BROAD_KINDS)
+    if keep < n / 2:  # a handful of windows: the mix would replace most of the user's own text
+        logger.warning(
+            "Broad mix skipped: %d calibration windows are too few for %g per kind (it would keep %d)",
+            n,
+            fraction,
+            keep,
+        )
+        return calibration
     parts = []
     for k, text in enumerate(broad_texts().values()):
         ids = tokenize_text(tokenizer, text)
         parts.append(windows(ids, seq_len, count, seed + k))
-    keep = n - count * len(parts)
-    if keep < 1:
-        raise ValueError(f"{n} calibration windows are too few for a broad mix of {fraction!r} per kind")
     logger.info("Broad mix: %d of %d windows from %s", n - keep, n, ", ".join(BROAD_KINDS))
     kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
     return torch.cat([calibration[kept], *parts])
