@@ -105,6 +105,16 @@ _DTYPES = {
 }
 
 
+# The carried state's files: the record, the bases, this run's activations and dense stream, temporaries.
+_CARRIED_STATE = (
+    STATE_NAME,
+    "state-*.safetensors",
+    "signals-*.safetensors",
+    "dense-*.safetensors",
+    "*.partial",
+)
+
+
 class PartialState:
     """Reads and writes the partial state of one slicing run in ``directory``."""
 
@@ -229,29 +239,16 @@ class PartialState:
     def reset(self) -> None:
         """Start afresh: drop what an earlier run left here (only this module's own files)."""
         if self.rank == 0 and self.directory.is_dir():
-            for pattern in (
-                STATE_NAME,
-                "state-*.safetensors",
-                "signals-*.safetensors",
-                "dense-*.safetensors",
-                "model-*-of-*.safetensors",
-                "*.partial",
-            ):
-                for path in self.directory.glob(pattern):
-                    path.unlink(missing_ok=True)
+            self._unlink(*_CARRIED_STATE, "model-*-of-*.safetensors")
         distributed.barrier()
 
     def clear_state(self) -> None:
         """Drop the carried state (bases, activations, ``state.json``); finished layer files stay."""
-        if self.rank != 0:
-            return
-        for pattern in (
-            STATE_NAME,
-            "state-*.safetensors",
-            "signals-*.safetensors",
-            "dense-*.safetensors",
-            "*.partial",
-        ):
+        if self.rank == 0:
+            self._unlink(*_CARRIED_STATE)
+
+    def _unlink(self, *patterns: str) -> None:
+        for pattern in patterns:
             for path in self.directory.glob(pattern):
                 path.unlink(missing_ok=True)
 

@@ -10,6 +10,7 @@ from torch import nn
 from ..checkpoint.validation import check_finite_weights, record_achieved_sparsity
 from ..modeling.configuration_sliced import SlicedConfig
 from ..modeling.modeling_sliced import SlicedModelForCausalLM
+from .calibration import token_count
 from .context import SlicingRun
 from .refit import fit_step
 from .rotate import center_rows, embedding_scale, fold_norm, norm_parameters, to_linear
@@ -39,10 +40,7 @@ def settings(run: SlicingRun) -> dict[str, Any]:
         "family": run.adapter.name,
         "norm": run.adapter.norm,
         "calibration_sequences": sum(b.input_ids.shape[0] for b in run.all_batches),
-        "calibration_tokens": sum(
-            int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
-            for b in run.all_batches
-        ),
+        "calibration_tokens": token_count(run.all_batches),
     }
     if cfg.schedule == "variance":
         out["variance_fraction"] = run.variance_fraction

@@ -17,6 +17,13 @@ class CalibrationBatch:
     attention_mask: torch.Tensor | None
 
 
+def token_count(batches: list[CalibrationBatch]) -> int:
+    """The calibration tokens that count: unpadded ones (all of them without an attention mask)."""
+    return sum(
+        int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel() for b in batches
+    )
+
+
 def calibration_batches(calibration: Any, batch_size: int, vocab_size: int) -> list[CalibrationBatch]:
     """Normalise a ``(N, L)`` token tensor or an iterable of ``{"input_ids", "attention_mask"}`` batches."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

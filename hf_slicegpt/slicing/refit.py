@@ -25,6 +25,7 @@ from torch import nn
 
 from ..runtime import distributed
 from ..runtime.offload import ActivationStore
+from .calibration import token_count
 from .config import CORRECTION_TOKENS
 from .context import SlicingRun
 from .correction import SplitEquations, split_theta, with_bias
@@ -77,11 +78,7 @@ def fit_step(run: SlicingRun) -> int:
     fraction = run.config.correction_fraction
     if fraction is not None:
         return max(1, round(1 / fraction))
-    tokens = sum(
-        int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
-        for b in run.all_batches
-    )
-    return max(1, tokens // CORRECTION_TOKENS)
+    return max(1, token_count(run.all_batches) // CORRECTION_TOKENS)
 
 
 def fit_batches(run: SlicingRun) -> tuple[list[bool], list[int]]:
