@@ -1,0 +1,63 @@
+"""The inference benchmark's FLOP ideal and its summary figures (benchmarks/inference_speed.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "inference_speed.py"
+_SPEC = importlib.util.spec_from_file_location("inference_speed", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 3, 6, 8, generator=g) for _ in range(3)]
+
+
+def test_attention_core_counts_on_cpu(qkv):
+    """torch's own counter gives the CPU kernel 0 FLOPs; the benchmark counts 2 (d_qk + d_v) per pair."""
+    q, k, v = qkv
+    assert bench.count_flops(lambda: sdpa(q, k, v)) == 2 * (2 * 3 * 6 * 6) * (8 + 8)
+
+
+def test_causal_attention_counts_the_pairs_it_computes(qkv):
+    q, k, v = qkv
+    pairs = 2 * 3 * (1 + 2 + 3 + 4 + 5 + 6)
+    assert bench.count_flops(lambda: sdpa(q, k, v, is_causal=True)) == 2 * pairs * 16
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert bench.count_flops(lambda: sdpa(q, k, v, attn_mask=mask)) == 2 * pairs * 16
+    additive = torch.zeros(6, 6).masked_fill(~mask, float("-inf"))
+    assert bench.count_flops(lambda: sdpa(q, k, v, attn_mask=additive)) == 2 * pairs * 16
+
+
+def test_a_decode_step_attends_every_cached_key(qkv):
+    q, k, v = qkv
+    assert bench.count_flops(lambda: sdpa(q[:, :, :1], k, v)) == 2 * (2 * 3 * 6) * 16
+
+
+def test_realised_share_of_the_gain():
+    assert bench.realised(1.15, 1.30) == pytest.approx(0.5)
+    assert bench.realised(1.30, 1.30) == pytest.approx(1.0)
+    assert bench.realised(0.97, 1.17) < 0
+    assert math.isnan(bench.realised(1.1, 1.0))
+
+
+def test_summary_pairs_rounds_and_uses_medians():
+    times = {"dense": [10.0, 12.0, 11.0], "sliced": [8.0, 12.0, 10.0]}
+    rows = bench.summarise(times, {"dense": 130, "sliced": 100}, per=1000)
+    sliced = rows["sliced"]
+    assert sliced["ideal"] == pytest.approx(1.3)
+    assert sliced["speedup"] == pytest.approx(11.0 / 10.0)
+    assert sliced["paired_speedup"]["median"] == pytest.approx(1.1)  # 10/8, 12/12, 11/10
+    assert sliced["paired_speedup"]["min"] == pytest.approx(1.0)
+    assert sliced["throughput"] == pytest.approx(100.0)
+    assert sliced["best_speedup"] == pytest.approx(10.0 / 8.0)
+    assert sliced["best_realised"] == pytest.approx(0.25 / 0.3)
