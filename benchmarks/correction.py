@@ -9,11 +9,11 @@ English quotations and prose from the Debian ``fortunes`` package, read from the
 Variants (comma-separated ``--variants``):
 
 - ``plain``: the paper (``correction="none"``);
-- ``ridge``: writers and shortcuts refit to the dense outputs (``correction="ridge"``);
+- ``ridge``: writers and shortcuts refit to the dense outputs on every calibration batch (``correction_fraction=1.0``);
 - ``ridge-half`` / ``ridge-quarter`` / ``ridge-eighth``: the ridge fitted on every 2nd / 4th / 8th
   calibration batch (``correction_fraction``);
-- ``default``: the library's default (``correction_fraction=None``: every batch up to 16,384 calibration
-  tokens, every k-th beyond, so about that many are fitted; at 128 x 512 that is ``ridge-quarter``);
+- ``default``: the library's default (``correction_fraction=None``: every batch up to 65,536 calibration
+  tokens, every k-th beyond, so about that many are fitted; at 128 x 512 that is ``ridge``, every batch);
 - ``default-dense`` / ``ridge-quarter-dense``: with each basis taken from the dense model's output that the
   correction fits (``correction_basis="dense"``): bases chosen by what the next computations should see;
 - ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix`` / ``default+mix``: the built-in broad mix
@@ -62,7 +62,7 @@ VARIANTS = {
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
     "mix": dict(correction="none", mix=True),
-    "ridge+mix": dict(correction="ridge", mix=True),
+    "ridge+mix": dict(correction="ridge", correction_fraction=1.0, mix=True),  # every batch, as "ridge"
     "ridge-quarter+mix": dict(correction="ridge", correction_fraction=0.25, mix=True),
 }
 FORTUNE_FILES = ("people", "wisdom", "love", "education", "work", "food", "pets", "humorists", "men-women")
@@ -109,7 +109,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--no-ood", action="store_true", help="in-domain only")
+    parser.add_argument("--no-ood", action="store_true", help="in-domain only (plus any --extra-source)")
+    parser.add_argument(
+        "--extra-source",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another evaluation text (a .txt file or folder), e.g. one no setting was chosen on: "
+        "perldiag=/usr/share/perl/5.36/pod/perldiag.pod (repeatable)",
+    )
     parser.add_argument("--no-timing", action="store_true", help="skip timing the dense forward")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -138,6 +146,18 @@ def main() -> None:
             evals[name] = evaluation_tokens(
                 tokenizer, source, seq_len=512, max_tokens=args.eval_tokens, split="all"
             )
+
+    for spec in args.extra_source:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not Path(path).exists():
+            parser.error(f"--extra-source wants NAME=PATH with an existing path, got {spec!r}")
+        if Path(path).is_file() and Path(path).suffix != ".txt":  # the loader reads .txt files
+            copy_to = workdir / f"{name}.txt"
+            copy_to.write_text(Path(path).read_text(errors="replace"))
+            path = str(copy_to)
+        evals[name] = evaluation_tokens(
+            tokenizer, path, seq_len=512, max_tokens=args.eval_tokens, split="all"
+        )
 
     def measure(model) -> dict[str, float]:
         return {
