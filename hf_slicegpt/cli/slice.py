@@ -100,7 +100,7 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "metavar": "F",
             "type": float,
             "default": None,
-            "help": "share of the calibration batches the correction fits on (default: all, up to 16,384 calibration tokens; beyond, every k-th batch so that about that many are fitted)",
+            "help": "share of the calibration batches the correction fits on (default: all, up to 65,536 calibration tokens; beyond, every k-th batch so that about that many are fitted)",
         },
     ),
     (
