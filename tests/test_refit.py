@@ -206,3 +206,26 @@ def test_dense_bases_are_the_pca_of_the_dense_output():
     assert all(count == 0 for name, count in seen[1:] if "output" in name and "attention" not in name)
     with pytest.raises(SlicingError, match="correction_basis must be one of"):
         SlicingConfig(sparsity=0.25, correction_basis="target")
+
+
+def test_automatic_fit_step_fits_every_batch_up_to_the_token_cap():
+    """``correction_fraction=None``: every batch up to CORRECTION_TOKENS calibration tokens (SmolLM2's 128 x 512
+    fits them all), then every k-th batch so that about that many are fitted; padding does not count."""
+    from types import SimpleNamespace
+
+    from hf_slicegpt.slicing.calibration import CalibrationBatch
+    from hf_slicegpt.slicing.config import CORRECTION_TOKENS
+    from hf_slicegpt.slicing.refit import fit_step
+
+    def run(num_batches: int, seq_len: int, fraction=None, padded: int = 0):
+        mask = torch.ones(8, seq_len, dtype=torch.long)
+        mask[:, seq_len - padded :] = 0
+        batch = CalibrationBatch(torch.zeros(8, seq_len, dtype=torch.long), mask if padded else None)
+        config = SimpleNamespace(correction_fraction=fraction)
+        return SimpleNamespace(config=config, all_batches=[batch] * num_batches)
+
+    assert CORRECTION_TOKENS == 65536
+    assert fit_step(run(16, 512)) == 1  # 128 x 512: every batch
+    assert fit_step(run(64, 512)) == 4  # 512 x 512: every 4th, 65,536 tokens fitted
+    assert fit_step(run(64, 1024, padded=512)) == 4  # only unpadded tokens count
+    assert fit_step(run(64, 512, fraction=0.5)) == 2  # an explicit share wins
