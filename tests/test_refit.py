@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from tiny import FAMILIES, calibration, make_low_rank_llama, make_tiny
 
 import hf_slicegpt
 from hf_slicegpt.slicing import SlicingConfig, SlicingError, correction
+from hf_slicegpt.slicing.calibration import CalibrationBatch
+from hf_slicegpt.slicing.config import CORRECTION_TOKENS
+from hf_slicegpt.slicing.refit import fit_step
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -211,11 +215,6 @@ def test_dense_bases_are_the_pca_of_the_dense_output():
 def test_automatic_fit_step_fits_every_batch_up_to_the_token_cap():
     """``correction_fraction=None``: every batch up to CORRECTION_TOKENS calibration tokens (SmolLM2's 128 x 512
     fits them all), then every k-th batch so that about that many are fitted; padding does not count."""
-    from types import SimpleNamespace
-
-    from hf_slicegpt.slicing.calibration import CalibrationBatch
-    from hf_slicegpt.slicing.config import CORRECTION_TOKENS
-    from hf_slicegpt.slicing.refit import fit_step
 
     def run(num_batches: int, seq_len: int, fraction=None, padded: int = 0):
         mask = torch.ones(8, seq_len, dtype=torch.long)
