@@ -10,10 +10,12 @@ import math
 import pytest
 import torch
 
+from hf_slicegpt.slicing import correction
 from hf_slicegpt.slicing.correction import (
     CorrectionError,
     NormalEquations,
     SplitEquations,
+    add_gram_,
     fit_correction,
     held_out_rows,
     ridge_solve,
@@ -116,6 +118,28 @@ def test_split_equations_hold_out_every_fourth_sequence_and_skip_padding():
     mask[:, -1] = 0
     eqs.add(features, targets, mask, first_sequence=0)
     assert (eqs.fit.tokens, eqs.held.tokens) == (6 * 4, 2 * 4)
+
+
+def test_gram_multiplies_the_upper_blocks_and_mirrors_them(monkeypatch):
+    # 11 features in blocks of 4: two full blocks and a tail, summed over two chunks of rows.
+    monkeypatch.setattr(correction, "GRAM_BLOCK", 4)
+    x = torch.randn(50, 11)
+    gram = torch.zeros(11, 11, dtype=torch.float64)
+    add_gram_(gram, x)
+    add_gram_(gram, x[:7])
+    expected = x.double().T @ x.double() + x[:7].double().T @ x[:7].double()
+    assert torch.allclose(gram, expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gram[:4, 4:], gram[4:, :4].T) and torch.equal(gram[4:8, 8:], gram[8:, 4:8].T)
+
+
+def test_fitted_rows_skip_the_target_squares_and_cannot_report_an_error():
+    eqs = SplitEquations(3, 2)
+    eqs.add(torch.randn(8, 5, 3), torch.randn(8, 5, 2), None, first_sequence=0)
+    assert not eqs.fit.squares and not eqs.fit.target_gram.any() and eqs.held.target_gram.any()
+    with pytest.raises(CorrectionError, match="squares=False"):
+        squared_error(eqs.fit, torch.zeros(3, 2))
+    theta, choice = eqs.solve(torch.zeros(3, 2, dtype=torch.float64))  # chosen on the held-out rows only
+    assert theta.shape == (3, 2) and choice.strength in correction.RIDGE_GRID
 
 
 def test_bad_inputs_are_named():
