@@ -181,3 +181,56 @@ def test_slicer_modules_become_readers_only_when_fusing() -> None:
     with torch.no_grad():
         model(calibration(1, 4))
     assert isinstance(q_proj, SlicedReaderLinear) and q_proj.precomputed is None
+
+
+def _compiled_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Logits of ``torch.compile(model)`` (dynamo with the eager backend) and the linears its graphs call."""
+    linears = []
+
+    def backend(graph_module, example_inputs):
+        nodes = graph_module.graph.nodes
+        linears.append(sum(n.op == "call_function" and "linear" in str(n.target) for n in nodes))
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=backend)(ids).logits
+    return logits, sum(linears)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi", "opt"])
+def test_compile_traces_the_fused_path_of_a_fused_model(family: str) -> None:
+    model = _sliced(family)
+    ids = calibration(2, 10, seed=3)
+    model.set_fused_inference(False)
+    with torch.no_grad():
+        plain = model(ids).logits
+    _, plain_linears = _compiled_logits(model, ids)
+    model.set_fused_inference(True)
+    model.fuse()
+    fused, fused_linears = _compiled_logits(model, ids)
+    assert _relative(fused, plain) < RTOL
+    # sequential: q, k, v, shortcut -> 1 and gate, up, shortcut -> 1 per block; parallel: all readers -> 1
+    assert fused_linears < plain_linears - len(model.model.layers)
+
+
+def test_compile_never_fuses_and_refuses_replaced_weights() -> None:
+    model = _sliced()
+    ids = calibration(2, 10, seed=3)
+    with torch.no_grad():
+        plain = model(ids).logits  # an eager forward fuses; drop that to trace an un-fused model
+    for layer in model.model.layers:
+        layer._fused.clear()
+    _, unfused_linears = _compiled_logits(model, ids)
+    assert _fused_groups(model) == 0  # a trace does not mutate the parameters into views
+    model.fuse()
+    fused, fused_linears = _compiled_logits(model, ids)
+    assert fused_linears < unfused_linears and _relative(fused, plain) < RTOL
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach() * 2)  # the fused matrix is now stale
+    model.set_fused_inference(False)
+    with torch.no_grad():
+        changed = model(ids).logits
+    model.set_fused_inference(True)
+    got, _ = _compiled_logits(model, ids)
+    assert _relative(changed, plain) > 1e-3 and _relative(got, changed) < RTOL

@@ -399,17 +399,24 @@ class _FusedGroup:
     ``weight`` (and each reader's ``bias``) is a view of it, so the model holds every weight once and in-place
     updates (``load_state_dict``, merging an adapter) reach the fused matrix too. ``pointers`` records where
     those views start: when a parameter has been moved or replaced since (``.to()``, ``assign=True``), they
-    differ and the group is fused again.
+    differ and the group is fused again. ``params`` are the parameter objects that were fused: under
+    ``torch.compile``, where ``data_ptr`` cannot be traced, the group is used only while the modules still hold
+    exactly those (``.to()`` forgets every group, ``load_state_dict`` copies into the views).
     """
 
-    __slots__ = ("weight", "bias", "sizes", "reader_rows", "pointers")
+    __slots__ = ("weight", "bias", "sizes", "reader_rows", "pointers", "params")
 
-    def __init__(self, weight, bias, sizes, reader_rows, pointers):
+    def __init__(self, weight, bias, sizes, reader_rows, pointers, params):
         self.weight: torch.Tensor = weight
         self.bias: torch.Tensor | None = bias
         self.sizes: list[int] = sizes
         self.reader_rows: int = reader_rows
         self.pointers: tuple[int, ...] = pointers
+        self.params: tuple[torch.Tensor, ...] = params
+
+    def holds(self, params: list[torch.Tensor]) -> bool:
+        """Whether ``params`` are the very parameters this group fused (traceable: identity only)."""
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
 
 def _group_pointers(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[int, ...]:
@@ -441,14 +448,15 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     Sequential: ``h = x S_attn + Attn(N(x))``; ``y = h S_mlp + MLP(N(h))``.
     Parallel:   ``y = x S + Attn(N(x)) + MLP(N(x))``.
 
-    At inference (gradients off, not under ``torch.compile``) the block runs *fused*: the norm is weightless, so
+    At inference (gradients off) the block runs *fused*: the norm is weightless, so
     ``N(x) W = (x W) / rms(x)``, and all readers of one norm plus the shortcut on the same input are one GEMM on
     the un-normalised stream, ``x [W_q; W_k; W_v; S]^T``, whose reader columns are then scaled by ``1 / rms(x)``
     (and get their bias). The family's modules receive their slices of that product through
     :class:`SlicedReaderLinear`. This saves a GEMM launch and a read of ``x`` per shortcut and the normed copy of
-    ``x`` per norm. The weights are fused on first use; the checkpoint format and parameter names do not change.
-    The plain path runs whenever gradients are on, under ``torch.compile``, when PEFT or anything else wraps
-    one of these linears, or when ``fused_inference`` is ``False``.
+    ``x`` per norm. The weights are fused on first use (``from_pretrained`` fuses at load); the checkpoint format
+    and parameter names do not change. ``torch.compile`` traces the fused path of groups fused before it (a trace
+    never fuses). The plain path runs whenever gradients are on, when PEFT or anything else wraps one of these
+    linears, when a compiled block was not fused beforehand, or when ``fused_inference`` is ``False``.
     """
 
     def __init__(self, config: SlicedConfig, layer_idx: int):
@@ -551,16 +559,24 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             fused = concatenate([(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)])
             fused_bias = concatenate(biases) if biases else None
         sizes = [m.weight.shape[0] for m in readers]
+        bias_params = [b for _, b in biases]
         return _FusedGroup(
-            fused, fused_bias, sizes, sum(sizes), _group_pointers(weights, [b for _, b in biases])
+            fused,
+            fused_bias,
+            sizes,
+            sum(sizes),
+            _group_pointers(weights, bias_params),
+            (*weights, *bias_params),
         )
 
     def _fused_group(
         self, group: str, read: WeightReader | None = None
     ) -> tuple[_FusedGroup, list[nn.Module]] | None:
         """The fused matrix of ``group`` (fusing it first if needed), or ``None`` where the plain path must run."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or not self.fused_inference:
+        if torch.is_grad_enabled() or not self.fused_inference:
             return None
+        if torch.compiler.is_compiling():
+            return self._traced_group(group)
         readers, shortcut = self._group_modules(group)
         for module in readers:
             if type(module) is nn.Linear:  # modules handed over by the slicer: same state, one more ability
@@ -577,6 +593,20 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self._fused.pop(group, None)  # drop a stale matrix before building the new one
             entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
         return entry, readers
+
+    def _traced_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
+        """Under ``torch.compile``: a group fused before tracing (``from_pretrained``, :meth:`fuse`, or an eager
+        forward), while its modules are unchanged; a trace never fuses (that mutates the parameters)."""
+        entry = self._fused.get(group)
+        readers, shortcut = self._group_modules(group)
+        if entry is None or not _fusable(readers, shortcut):
+            return None
+        weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
+        return (
+            (entry, readers)
+            if entry.holds(weights + [m.bias for m in readers if m.bias is not None])
+            else None
+        )
 
     def fuse(self, read: WeightReader | None = None) -> None:
         """Fuse now rather than on the first inference forward (a no-op where the plain path must run)."""
@@ -896,6 +926,8 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         """Fuse every block's readers and shortcuts now instead of on the first inference forward.
 
         Memory-neutral (the parameters become views of the fused matrices) and invisible to ``state_dict``.
+        Call it before ``torch.compile`` on a model that was not loaded with ``from_pretrained`` (which fuses at
+        load): a trace uses fused groups but never fuses.
         """
         for layer in self.model.layers:
             layer.fuse(read)
