@@ -269,6 +269,14 @@ def table(title: str, rows: dict[str, dict], unit: str) -> str:
     return "\n".join(lines)
 
 
+def load(path: Path, name: str, dtype: torch.dtype, device: torch.device):
+    """``from_pretrained`` as a user runs it; a ``NAME:plain`` plugin model runs its unfused path (before/after)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if name.endswith(":plain"):
+        model.set_fused_inference(False)
+    return model
+
+
 def prepare_models(args, work: Path) -> dict[str, Path]:
     """Checkpoint directories by label: the given ones, or SmolLM2 saved and sliced here."""
     if args.dense:
@@ -331,7 +339,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="dense source when --dense is not given")
     parser.add_argument("--dense", default=None, help="dense checkpoint directory")
     parser.add_argument(
-        "--checkpoints", nargs="*", default=None, help="sliced checkpoint dirs, or NAME=DIR (skip slicing)"
+        "--checkpoints",
+        nargs="*",
+        default=None,
+        help="sliced checkpoint dirs, or NAME=DIR (skip slicing); NAME:plain=DIR runs a plugin model unfused",
     )
     parser.add_argument(
         "--modes", nargs="+", default=["layer", "global"], choices=["layer", "global", "native"]
@@ -379,10 +390,7 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
     }
     paths = prepare_models(args, Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-")))
-    models = {
-        name: AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-        for name, path in paths.items()
-    }
+    models = {name: load(path, name, dtype, device) for name, path in paths.items()}
     vocab = models["dense"].config.vocab_size
     generator = torch.Generator().manual_seed(0)
     results: dict = {"machine": machine, "args": vars(args), "prefill": {}, "decode": None, "memory": None}
