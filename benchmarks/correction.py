@@ -9,7 +9,9 @@ English quotations and prose from the Debian ``fortunes`` package, read from the
 Variants (comma-separated ``--variants``):
 
 - ``plain``: the paper (``correction="none"``);
-- ``ridge``: writers and shortcuts refit to the dense outputs on every calibration batch (``correction_fraction=1.0``);
+- ``ridge``: the writers refit to the dense outputs on every calibration batch (``correction_fraction=1.0``);
+- ``ridge+shortcuts`` / ``default+shortcuts`` / ``default+shortcuts+mix``: the shortcut matrices refit too
+  (``correction_shortcuts=True``, the default before 2026-12-03);
 - ``ridge-half`` / ``ridge-quarter`` / ``ridge-eighth``: the ridge fitted on every 2nd / 4th / 8th
   calibration batch (``correction_fraction``);
 - ``default``: the library's default (``correction_fraction=None``: every batch up to 65,536 calibration
@@ -64,6 +66,11 @@ VARIANTS = {
     "mix": dict(correction="none", mix=True),
     "ridge+mix": dict(correction="ridge", correction_fraction=1.0, mix=True),  # every batch, as "ridge"
     "ridge-quarter+mix": dict(correction="ridge", correction_fraction=0.25, mix=True),
+    "ridge+shortcuts": dict(correction="ridge", correction_fraction=1.0, correction_shortcuts=True),
+    "default+shortcuts": dict(correction="ridge", correction_fraction=None, correction_shortcuts=True),
+    "default+shortcuts+mix": dict(
+        correction="ridge", correction_fraction=None, correction_shortcuts=True, mix=True
+    ),
 }
 FORTUNE_FILES = ("people", "wisdom", "love", "education", "work", "food", "pets", "humorists", "men-women")
 
@@ -106,6 +113,7 @@ def main() -> None:
     parser.add_argument("--modes", default="layer", help="comma-separated rotations: layer,global")
     parser.add_argument("--variants", default="plain,ridge")
     parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -132,7 +140,7 @@ def main() -> None:
     dense, tokenizer = load_model_and_tokenizer(args.model)
     dense.eval()
     calib = calibration_tokens(
-        tokenizer, args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=0
+        tokenizer, args.calibration, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed
     )
     evals = {
         "in-domain": evaluation_tokens(tokenizer, args.calibration, seq_len=512, max_tokens=args.eval_tokens)
@@ -194,6 +202,7 @@ def main() -> None:
                     correction=settings["correction"],
                     correction_fraction=settings.get("correction_fraction"),
                     correction_basis=settings.get("correction_basis", "sliced"),
+                    correction_shortcuts=settings.get("correction_shortcuts", False),
                     show_progress=False,
                 )
                 seconds = time.perf_counter() - start

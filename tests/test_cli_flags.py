@@ -124,6 +124,7 @@ RUNS: dict[str, list[str]] = {
     "shared": [
         "--sparsity", "0.25", "--mid-basis", "shared", "--tied-embeddings", "project", "--eval-data", "CORPUS",
         "--eval-max-tokens", "96", "--correction-fraction", "0.5", "--broad-mix", "0.125", "--correction-basis", "dense",
+        "--correction-shortcuts",
     ],
     "global": ["--sparsity", "0.25", "--rotation", "global", "--tied-embeddings", "slice", "--schedule", "const"],
     "variance": ["--sparsity", "0.25", "--schedule", "variance", "--correction", "none", "--broad-mix", "0"],
@@ -188,6 +189,7 @@ SLICE_FLAGS: list[tuple[str, str, Callable[[SliceRun, dict[str, Path]], bool]]] 
     ("--correction", "variance", lambda r, w: r.slicing["correction"] == {"method": "none"} and r.slicing["config"]["correction"] == "none"),
     ("--correction-fraction", "shared", lambda r, w: r.slicing["correction"]["method"] == "ridge" and r.slicing["correction"]["fraction"] == 0.5),
     ("--correction-basis", "shared", lambda r, w: r.slicing["config"]["correction_basis"] == "dense"),
+    ("--correction-shortcuts", "shared", lambda r, w: r.slicing["correction"]["shortcuts"] is True),
     ("--broad-mix", "variance", lambda r, w: r.report["settings"]["broad_mix"] == 0),
     ("--broad-mix", "shared", lambda r, w: r.report["settings"]["broad_mix"] == 0.125),
     ("--batch-size", "layer", lambda r, w: r.report["settings"]["batch_size"] == 3),

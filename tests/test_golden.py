@@ -97,7 +97,9 @@ MODES: dict[str, Callable[[str, Path], str]] = {
     "low-memory": _low_memory,
     "resume": _resume,
     "native": lambda f, _: _state(to_native(_slice(f, rotation="global", round_to=4))),
-    # the output-aware correction (the default since issue 17), pinned when it was wired in
+    # the output-aware correction (the default since issue 17): writers and shortcuts refit, pinned when it was
+    # wired in; since 2026-12-03 the default refits only the writers ("layer-ridge", re-pinned then)
+    "layer-ridge-shortcuts": lambda f, _: _state(_slice(f, correction="ridge", correction_shortcuts=True)),
     "layer-ridge": lambda f, _: _state(_slice(f, correction="ridge")),
     "global-ridge": lambda f, _: _state(_slice(f, rotation="global", correction="ridge")),
 }

@@ -95,7 +95,10 @@ def _procrustes_error(sliced: torch.Tensor, dense: torch.Tensor) -> float:
     ],
     ids=["llama", "low-rank-llama", "phi-parallel"],
 )
-def test_correction_lowers_every_block_error_on_held_out_text(build):
+@pytest.mark.parametrize("shortcuts,gain", [(False, 0.95), (True, 0.9)], ids=["writers", "writers+shortcuts"])
+def test_correction_lowers_every_block_error_on_held_out_text(build, shortcuts: bool, gain: float):
+    """Each block's output error on held-out text falls, and in sum by at least ``1 - gain``; refitting the
+    shortcuts too (more parameters) removes more on these random models."""
     dense = build()
     held_out = calibration(16, 32, seed=7)
     reference = _block_outputs(dense, held_out)
@@ -103,13 +106,13 @@ def test_correction_lowers_every_block_error_on_held_out_text(build):
     for mode in ("none", "ridge"):
         sliced = hf_slicegpt.slice_model(
             copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, correction_fraction=1.0,
-            show_progress=False,
+            correction_shortcuts=shortcuts, show_progress=False,
         )  # fmt: skip
         errors[mode] = [_procrustes_error(s, d) for s, d in zip(_block_outputs(sliced, held_out), reference)]
     # A block with nothing to correct (the low-rank model's first: the slice loses nothing) stays as it was.
     for plain, corrected in zip(errors["none"], errors["ridge"]):
         assert corrected <= plain * (1 + 1e-4)
-    assert sum(errors["ridge"]) < 0.9 * sum(errors["none"])
+    assert sum(errors["ridge"]) < gain * sum(errors["none"])
 
 
 def _logit_error(dense, calib, test, **options) -> float:
@@ -145,6 +148,26 @@ def test_a_fraction_of_the_batches_is_enough_and_bad_fractions_are_named():
             hf_slicegpt.slice_model(dense, calib, 0.25, correction_fraction=bad)
     with pytest.raises(SlicingError, match="correction must be one of"):
         hf_slicegpt.slice_model(dense, calib, 0.25, correction="lsq")
+
+
+def test_the_default_keeps_the_shortcuts_plain_and_the_option_refits_them():
+    """By default a shortcut stays the plain change of basis ``q_in^T q_out`` (a product of orthonormal columns:
+    no singular value above 1); ``correction_shortcuts=True`` refits it, and the report records which."""
+    dense = make_tiny("llama")
+    calib = calibration(64, 32)
+    top = {}
+    for shortcuts in (False, True):
+        sliced = hf_slicegpt.slice_model(
+            copy.deepcopy(dense), calib, 0.25, correction_shortcuts=shortcuts, show_progress=False
+        )
+        assert sliced.config.slicing["correction"]["shortcuts"] is shortcuts
+        matrices = [m.weight for n, m in sliced.named_modules() if n.endswith("shortcut") and m is not None]
+        assert matrices
+        top[shortcuts] = max(float(torch.linalg.matrix_norm(w.detach().double(), ord=2)) for w in matrices)
+    assert top[False] <= 1 + 1e-5
+    assert top[True] > 1 + 1e-3
+    with pytest.raises(SlicingError, match="correction_shortcuts must be True or False"):
+        SlicingConfig(sparsity=0.25, correction_shortcuts="yes")
 
 
 def test_global_rotation_corrects_only_the_writers():

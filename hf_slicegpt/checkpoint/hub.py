@@ -392,7 +392,8 @@ def _correction_text(correction: Any) -> str:
         return "none (recorded before the correction existed)"
     if correction.get("method") in (None, "none"):
         return "none (the paper's weights)"
-    text = f"{correction['method']}: writers and shortcuts refit to the dense model's outputs"
+    refit = "writers and shortcuts" if correction.get("shortcuts", True) else "writers"
+    text = f"{correction['method']}: {refit} refit to the dense model's outputs"
     ratio = correction.get("held_out_error_ratio")
     if isinstance(ratio, (int, float)):
         text += f" (held-out error x{ratio:.2f}, {correction.get('updates_changed')} of {correction.get('updates')} updates changed)"

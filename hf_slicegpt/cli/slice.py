@@ -90,8 +90,17 @@ SLICE_MODEL_OPTIONS: list[tuple[str, dict[str, Any]]] = [
         {
             "choices": ["ridge", "none"],
             "default": None,
-            "help": "ridge (default): refit each sliced update's writers and shortcut to the dense model's "
-            "output, in closed form; none: the paper's weights",
+            "help": "ridge (default): refit each sliced update's writers to the dense model's output, in closed "
+            "form; none: the paper's weights",
+        },
+    ),
+    (
+        "--correction-shortcuts",
+        {
+            "action": "store_true",
+            "default": None,
+            "help": "with the correction, also refit the per-layer shortcut matrices (off by default: on SmolLM2 "
+            "they extrapolated badly to text unlike the calibration)",
         },
     ),
     (

@@ -60,6 +60,7 @@ def correction_summary(run: SlicingRun) -> dict[str, Any]:
     after = sum(c["held_out_error"][1] for c in run.corrections)
     return {
         "method": cfg.correction,
+        "shortcuts": cfg.correction_shortcuts,
         "fraction": cfg.correction_fraction,
         "fit_every": fit_step(run),
         "updates": len(run.corrections),

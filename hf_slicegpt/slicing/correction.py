@@ -1,4 +1,4 @@
-"""Output-aware correction: refit a sliced block's writers and shortcut to the dense model's outputs.
+"""Output-aware correction: refit a sliced block's writers (optionally its shortcut) to the dense model's outputs.
 
 Plain SliceGPT keeps the directions of most input variance and never looks at what the sliced block writes.
 Here each residual update of a sliced block,
@@ -23,7 +23,9 @@ un-corrected sliced output, which the loop computes anyway), and the solve is fo
 towards 0: at 0% sparsity ``E`` is zero up to float32 rounding, so the correction is exact even where the
 normal equations are ill-conditioned (summing ``X^T T`` and ``X^T X Theta0`` separately would not cancel).
 Rows of ``Theta`` can be held fixed (an identity shortcut between equal bases stays an identity, so the
-checkpoint's set of shortcut matrices never changes). ``lambda`` is chosen by the error on calibration
+checkpoint's set of shortcut matrices never changes). By default (``correction_shortcuts=False``) the layer loop
+leaves ``x_s`` out of ``X`` altogether: the shortcut stays the plain change of basis and its term stays in the
+residual ``E``. Refit shortcuts were measured to extrapolate badly to text unlike the calibration. ``lambda`` is chosen by the error on calibration
 sequences held out of the fit (``lambda = inf``, i.e. no correction, is always a candidate), then the solve is
 redone on all sequences. The normal equations are float64 sums of float32 chunk products, as for covariances;
 ``X^T W X`` is symmetric, so only its upper block triangle is multiplied (about 57% of the FLOPs of the full

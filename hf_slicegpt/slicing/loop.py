@@ -8,7 +8,8 @@ compute the attention residual ``h`` at full width, take its basis ``q_mid`` (or
 attention writer and add the shortcut ``q_in -> q_mid``; the same for the MLP with ``q_out``.
 
 With ``correction="ridge"`` (:mod:`.refit`) a dense stream runs alongside: each dense block is computed before
-it is rotated, and after each update's basis is chosen its writers and shortcut are refit to the dense output.
+it is rotated, and after each update's basis is chosen its writers (and with ``correction_shortcuts`` its
+shortcut) are refit to the dense output.
 The corrected signals, not the rotated plain output, then feed the next update.
 """
 

@@ -56,7 +56,7 @@ class PendingUpdate:
     equations: SplitEquations
     inputs: ActivationStore  # each batch's writer inputs, concatenated
     writers: Writers
-    sizes: list[int]  # row blocks of Theta: shortcut, each writer, (bias)
+    sizes: list[int]  # row blocks of Theta: shortcut (0 rows when it is not refit), each writer, (bias)
     bias: bool
     q_from: torch.Tensor
     target_covariance: Covariance | None = None  # the dense targets' (``correction_basis="dense"``)
@@ -152,7 +152,9 @@ def update_pass(
         ), None
     modules = [parent.get_submodule(writer) for parent, writer in writers]
     bias = any(m.bias is not None for m in modules)
-    sizes = [q_from.shape[1], *(m.in_features for m in modules), *([1] if bias else [])]
+    # The sliced input is a feature only when the shortcut is refit; otherwise its plain term stays in `out`.
+    lead = q_from.shape[1] if run.config.correction_shortcuts else 0
+    sizes = [lead, *(m.in_features for m in modules), *([1] if bias else [])]
     pending = PendingUpdate(
         name, SplitEquations(sum(sizes), run.hidden), new_store(run), writers, sizes, bias, q_from
     )
@@ -169,7 +171,9 @@ def update_pass(
             inputs = torch.cat([c.to(torch.float32) for c in captured], dim=-1)
             if stream.fit[i]:
                 target = next(dense).to(torch.float32)
-                features = with_bias(torch.cat([x.to(torch.float32), inputs], dim=-1), bias)
+                features = with_bias(
+                    torch.cat([x.to(torch.float32), inputs], dim=-1) if lead else inputs, bias
+                )
                 # the residual of the un-corrected output (zero at 0%), each token weighted by its dense target
                 pending.equations.add(features, target - out, mask, stream.first[i], reference=target)
                 if pending.target_covariance is not None:
@@ -186,15 +190,21 @@ def update_pass(
 
 
 def _prior(pending: PendingUpdate, modules: list[nn.Module], shortcut: nn.Linear | None) -> torch.Tensor:
-    """The un-corrected ``Theta = [S; W_1; ..; b]`` (float64, CPU): the plain rotated weights."""
-    d_in = pending.q_from.shape[1]
-    first = torch.eye(d_in, dtype=torch.float64) if shortcut is None else shortcut.weight.detach().T
-    blocks = [first.to("cpu", torch.float64)]
+    """The un-corrected ``Theta = [S; W_1; ..; b]`` (float64, CPU): the plain rotated weights (``S`` only
+    when the shortcut is refit)."""
+    blocks = [_plain_shortcut(pending, shortcut).to("cpu", torch.float64)] if pending.sizes[0] else []
     blocks += [m.weight.detach().to("cpu", torch.float64).T for m in modules]
     if pending.bias:
         biases = [m.bias.detach().to("cpu", torch.float64) for m in modules if m.bias is not None]
         blocks.append(torch.stack(biases).sum(0)[None, :])
     return torch.cat(blocks, dim=0)
+
+
+def _plain_shortcut(pending: PendingUpdate, shortcut: nn.Linear | None) -> torch.Tensor:
+    """``S`` as ``x S`` applies it (``d_in x d_out``): the identity where the bases are equal."""
+    if shortcut is None:
+        return torch.eye(pending.q_from.shape[1], dtype=torch.float64)
+    return shortcut.weight.detach().T
 
 
 def _set_writers(run: SlicingRun, pending: PendingUpdate, modules, parts, prior: torch.Tensor) -> None:
@@ -218,7 +228,7 @@ def apply_correction(
     writers, return the corrected shortcut (``None`` stays an identity) and the corrected sliced signals."""
     modules = [parent.get_submodule(name) for parent, name in pending.writers]
     prior = _prior(pending, modules, shortcut)
-    fixed = list(range(pending.q_from.shape[1])) if shortcut is None else None
+    fixed = list(range(pending.sizes[0])) if shortcut is None else None  # an identity stays an identity
     equations = pending.equations.rotated(q_to.to("cpu", torch.float64))
     equations.all_reduce()
     delta, choice = equations.solve(torch.zeros_like(prior), fixed)
@@ -238,16 +248,24 @@ def apply_correction(
     )
     theta = prior + delta
     parts = split_theta(theta, pending.sizes)
+    s32 = None  # the shortcut as the corrected signals apply it; None: an identity
     if shortcut is not None:
-        shortcut = to_linear(parts[0].T, None, run.dtype, run.home)
+        s32 = parts[0] if pending.sizes[0] else _plain_shortcut(pending, shortcut)
+        s32 = s32.to(run.device, torch.float32)
+        if pending.sizes[0]:
+            shortcut = to_linear(parts[0].T, None, run.dtype, run.home)
     _set_writers(run, pending, modules, parts, prior)
-    s32 = parts[0].to(run.device, torch.float32)
     w32 = torch.cat(parts[1 : 1 + len(modules)]).to(run.device, torch.float32)
     b32 = parts[-1][0].to(run.device, torch.float32) if pending.bias else 0.0
+
+    def carried(x: torch.Tensor) -> torch.Tensor:  # the shortcut's term: x itself where it is an identity
+        x = x.to(torch.float32)
+        return x if s32 is None else x @ s32
+
     corrected = drain(
         run,
         (
-            (x.to(torch.float32) @ s32 + a.to(torch.float32) @ w32 + b32).to(run.dtype)
+            (carried(x) + a.to(torch.float32) @ w32 + b32).to(run.dtype)
             for x, a in zip(signals, pending.inputs)
         ),
     )

@@ -38,7 +38,12 @@ def run_fingerprint(run: SlicingRun) -> str:
         "vocab_prior": cfg.vocab_prior,
         "tied": run.tied_mode,
         "covariance": cfg.covariance_precision,
-        "correction": [cfg.correction, cfg.correction_fraction, cfg.correction_basis],
+        "correction": [
+            cfg.correction,
+            cfg.correction_fraction,
+            cfg.correction_basis,
+            cfg.correction_shortcuts,
+        ],
         "dtype": str(run.dtype),
         "world_size": distributed.world_size(),
     }
