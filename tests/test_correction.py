@@ -68,6 +68,25 @@ def test_solve_matches_least_squares_without_ridge_and_keeps_fixed_rows():
     assert torch.allclose(solved[3:], free, atol=1e-5)
 
 
+def test_features_without_energy_keep_their_prior_and_nothing_overflows():
+    """A writer whose input is zero on the calibration (a basis that kept nothing) has nothing to fit: its rows
+    keep the prior for every strength, and a system with no energy at all returns the prior (found when a
+    relative ridge of ~0 divided ~0 by ~0 and overflowed to 1e287)."""
+    x, t, _ = _structured(200, noise=0.1)
+    x[:, 3] = 0.0
+    x[:, 7] *= 1e-9  # energy 1e-18 of the others: float rounding, not signal
+    eq = _equations(x, t)
+    prior = torch.randn(x.shape[1], t.shape[1], dtype=torch.float64)
+    for strength in (0.0, 1e-3, 1.0):
+        theta = ridge_solve(eq, prior, strength)
+        assert torch.isfinite(theta).all()
+        assert torch.equal(theta[[3, 7]], prior[[3, 7]]) and not torch.equal(theta[0], prior[0])
+    empty = _equations(torch.zeros_like(x), t)
+    assert torch.equal(ridge_solve(empty, prior, 1e-3), prior)
+    held = _equations(torch.zeros(40, x.shape[1], dtype=torch.float64), t[:40])
+    assert select_ridge(empty, held, prior).strength == math.inf
+
+
 def test_strong_ridge_pulls_towards_the_prior_not_towards_zero():
     x, t, theta = _structured(100, noise=0.5)
     prior = theta + 0.1
