@@ -198,6 +198,9 @@ def test_card_metadata_and_body_come_from_the_checkpoint(sliced_dir):
     assert "import hf_slicegpt" in text and "arxiv.org/abs/2401.15024" in text and "@inproceedings" in text
     assert "pretrained=org/tiny-sliced,trust_remote_code=True" in text
     assert GENERATED_MARKER in text
+    # the default correction refits the writers only; checkpoints from before the option refit the shortcuts too
+    assert "| output correction | ridge: writers refit to the dense model's outputs" in text
+    assert hub._correction_text({"method": "ridge"}).startswith("ridge: writers and shortcuts refit")
 
 
 def test_card_without_a_report_counts_dense_parameters_from_the_family_config(tmp_path):
