@@ -419,8 +419,14 @@ class _FusedGroup:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
 
-def _group_pointers(weights: list[torch.Tensor], biases: list[torch.Tensor]) -> tuple[int, ...]:
-    return tuple(t.data_ptr() for t in weights) + tuple(t.data_ptr() for t in biases)
+def _group_params(readers: list[nn.Module], shortcut: nn.Module | None) -> list[torch.Tensor]:
+    """A group's parameters in fusing order: the readers' and shortcut's weights, then the readers' biases."""
+    weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
+    return weights + [m.bias for m in readers if m.bias is not None]
+
+
+def _group_pointers(params: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for t in params)
 
 
 def _fusable(readers: list[nn.Module], shortcut: nn.Module | None) -> bool:
@@ -559,15 +565,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             fused = concatenate([(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)])
             fused_bias = concatenate(biases) if biases else None
         sizes = [m.weight.shape[0] for m in readers]
-        bias_params = [b for _, b in biases]
-        return _FusedGroup(
-            fused,
-            fused_bias,
-            sizes,
-            sum(sizes),
-            _group_pointers(weights, bias_params),
-            (*weights, *bias_params),
-        )
+        params = _group_params(readers, shortcut)
+        return _FusedGroup(fused, fused_bias, sizes, sum(sizes), _group_pointers(params), tuple(params))
 
     def _fused_group(
         self, group: str, read: WeightReader | None = None
@@ -585,10 +584,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             self._fused.pop(group, None)
             return None
         entry = self._fused.get(group)
-        if entry is not None:
-            weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
-            if _group_pointers(weights, [m.bias for m in readers if m.bias is not None]) != entry.pointers:
-                entry = None
+        if entry is not None and _group_pointers(_group_params(readers, shortcut)) != entry.pointers:
+            entry = None
         if entry is None:
             self._fused.pop(group, None)  # drop a stale matrix before building the new one
             entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
@@ -599,14 +596,13 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         forward), while its modules are unchanged; a trace never fuses (that mutates the parameters)."""
         entry = self._fused.get(group)
         readers, shortcut = self._group_modules(group)
-        if entry is None or not _fusable(readers, shortcut):
+        if (
+            entry is None
+            or not _fusable(readers, shortcut)
+            or not entry.holds(_group_params(readers, shortcut))
+        ):
             return None
-        weights = [m.weight for m in readers] + ([shortcut.weight] if shortcut is not None else [])
-        return (
-            (entry, readers)
-            if entry.holds(weights + [m.bias for m in readers if m.bias is not None])
-            else None
-        )
+        return entry, readers
 
     def fuse(self, read: WeightReader | None = None) -> None:
         """Fuse now rather than on the first inference forward (a no-op where the plain path must run)."""
