@@ -2,8 +2,9 @@
 
 - on every tiny family, per-layer and global rotation, it gives the plain path's logits within 1e-5 relative,
   for a prefill and for a cached decode step, and it really runs (the blocks hold fused matrices);
-- fusing is memory-neutral: the parameters become views of the fused matrix, and ``state_dict``,
-  ``save_pretrained`` and ``from_pretrained`` see the unfused tensors under their usual names;
+- fusing is memory-neutral: the parameters become views of the (input-major) fused matrix, and ``state_dict``,
+  ``save_pretrained`` (also with Trainer's explicit ``state_dict``) and ``from_pretrained`` see the unfused
+  tensors under their usual names;
 - in-place weight updates reach the fused matrix; ``.to(dtype)`` and reassigned weights are re-fused;
 - gradients, or PEFT LoRA wrapping a reader or a shortcut, run the plain path and stay correct.
 """
@@ -70,7 +71,9 @@ def test_fusing_is_memory_neutral_and_invisible_to_the_checkpoint(tmp_path) -> N
     rows = sum(
         m.weight.shape[0] for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
     )
-    # Each weight is a view of the fused matrix: one copy in memory, in the order [W_q; W_k; W_v; S].
+    # Each weight is a view of the fused matrix: one copy in memory, in the order [W_q; W_k; W_v; S], stored
+    # input-major (W^T contiguous), the layout in which one token's product streams the weights fastest on CPU.
+    assert entry.weight_t.is_contiguous() and entry.weight_t.shape[0] == layer.self_attn.q_proj.in_features
     assert layer.self_attn.q_proj.weight.data_ptr() == entry.weight.data_ptr()
     assert (
         layer.attn_shortcut.weight.untyped_storage().data_ptr() == entry.weight.untyped_storage().data_ptr()
@@ -91,6 +94,10 @@ def test_fusing_is_memory_neutral_and_invisible_to_the_checkpoint(tmp_path) -> N
     ids = calibration(2, 10, seed=3)
     with torch.no_grad():
         assert _relative(reloaded(ids).logits, model(ids).logits) < RTOL
+    # Trainer saves with an explicit state_dict of the fused (interleaved) views: the same file comes out.
+    reloaded.save_pretrained(tmp_path / "again", state_dict=reloaded.state_dict())
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert again.keys() == saved.keys() and all(torch.equal(again[k], saved[k]) for k in saved)
 
 
 @pytest.mark.parametrize("shard", [None, "20KB"])

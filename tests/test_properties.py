@@ -143,7 +143,12 @@ def test_slicing_succeeds_or_refuses_clearly_and_round_trips(
         sliced.save_pretrained(directory)
         assert validate_checkpoint(directory).sliced
         reloaded = AutoModelForCausalLM.from_pretrained(directory)
-        assert torch.equal(reloaded(ids).logits, logits)
+        saved = sliced.state_dict()
+        for name, tensor in reloaded.state_dict().items():
+            assert torch.equal(tensor, saved[name]), name  # the weights round-trip bit for bit
+        # Loading fuses the readers into input-major matrices, so the same weights reach the BLAS kernels in
+        # another layout: equal up to rounding, not bit for bit.
+        assert ((reloaded(ids).logits - logits).abs().max() / logits.abs().max()).item() < 1e-5
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -393,10 +393,14 @@ class SlicedFeedForward(nn.Module):
 
 
 class _FusedGroup:
-    """One norm's readers (and the shortcut on the same input) as one matrix whose rows the modules' weights view.
+    """One norm's readers (and the shortcut on the same input) as one matrix whose columns the modules' weights view.
 
-    ``weight`` is ``[W_readers; S]`` (``nn.Linear`` layout, rows = outputs). After fusing, each module's
-    ``weight`` (and each reader's ``bias``) is a view of it, so the model holds every weight once and in-place
+    ``weight_t`` is ``[W_readers; S]^T``, stored input-major (``[in, out]``, contiguous): a token's product is
+    then ``x @ weight_t``, a sum of contiguous weight rows scaled by ``x``. On CPU, for one token (decode), that
+    form streams the weights about twice as fast as ``nn.Linear``'s row dot products (``x W^T``) at these shapes
+    (measured in BENCHMARKS.md, Inference); for a prefill both are GEMMs of equal speed. ``weight`` is its
+    ``nn.Linear``-layout view. After fusing, each module's ``weight`` (a transposed column block of
+    ``weight_t``) and each reader's ``bias`` are views of it, so the model holds every weight once and in-place
     updates (``load_state_dict``, merging an adapter) reach the fused matrix too. ``pointers`` records where
     those views start: when a parameter has been moved or replaced since (``.to()``, ``assign=True``), they
     differ and the group is fused again. ``params`` are the parameter objects that were fused: under
@@ -404,15 +408,20 @@ class _FusedGroup:
     exactly those (``.to()`` forgets every group, ``load_state_dict`` copies into the views).
     """
 
-    __slots__ = ("weight", "bias", "sizes", "reader_rows", "pointers", "params")
+    __slots__ = ("weight_t", "bias", "sizes", "reader_rows", "pointers", "params")
 
-    def __init__(self, weight, bias, sizes, reader_rows, pointers, params):
-        self.weight: torch.Tensor = weight
+    def __init__(self, weight_t, bias, sizes, reader_rows, pointers, params):
+        self.weight_t: torch.Tensor = weight_t
         self.bias: torch.Tensor | None = bias
         self.sizes: list[int] = sizes
         self.reader_rows: int = reader_rows
         self.pointers: tuple[int, ...] = pointers
         self.params: tuple[torch.Tensor, ...] = params
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[W_readers; S]`` in ``nn.Linear`` layout (a view)."""
+        return self.weight_t.t()
 
     def holds(self, params: list[torch.Tensor]) -> bool:
         """Whether ``params`` are the very parameters this group fused (traceable: identity only)."""
@@ -548,22 +557,28 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         weights = [m.weight for m in modules]
         biases = [(f"{prefix}{n}.bias", m.bias) for n, m in zip(reader_names, readers) if m.bias is not None]
 
-        def concatenate(tensors: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+        def concatenate(tensors: list[tuple[str, torch.Tensor]], input_major: bool) -> torch.Tensor:
+            """Stack the tensors' rows (as columns when ``input_major``) and make each tensor a view of its block."""
             first = tensors[0][1]
-            fused = torch.empty((sum(t.shape[0] for _, t in tensors), *first.shape[1:]), dtype=first.dtype)
-            fused = fused.to(first.device)
+            rows = sum(t.shape[0] for _, t in tensors)
+            shape = (*first.shape[1:], rows) if input_major else (rows, *first.shape[1:])
+            fused = torch.empty(shape, dtype=first.dtype).to(first.device)
             start = 0
             for name, tensor in tensors:
                 values = read(name, tensor) if read is not None else None
-                fused[start : start + tensor.shape[0]].copy_(tensor.detach() if values is None else values)
-                tensor.data = fused[start : start + tensor.shape[0]]
-                start += tensor.shape[0]
+                stop = start + tensor.shape[0]
+                block = fused[:, start:stop].t() if input_major else fused[start:stop]
+                block.copy_(tensor.detach() if values is None else values)
+                tensor.data = block
+                start = stop
             return fused
 
         # Outside inference mode, so that the parameters stay usable for training afterwards.
         with torch.inference_mode(False), torch.no_grad():
-            fused = concatenate([(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)])
-            fused_bias = concatenate(biases) if biases else None
+            fused = concatenate(
+                [(f"{prefix}{n}.weight", w) for n, w in zip(names, weights)], input_major=True
+            )
+            fused_bias = concatenate(biases, input_major=False) if biases else None
         sizes = [m.weight.shape[0] for m in readers]
         params = _group_params(readers, shortcut)
         return _FusedGroup(fused, fused_bias, sizes, sum(sizes), _group_pointers(params), tuple(params))
@@ -615,7 +630,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor | None:
         """One GEMM for the readers and the shortcut; hands each reader its output; returns ``x S`` (or None)."""
         entry, readers = fused
-        product = nn.functional.linear(hidden_states, entry.weight)
+        product = torch.matmul(hidden_states, entry.weight_t)
         reads = product[..., : entry.reader_rows]
         reads.mul_(norm.inverse_rms(hidden_states))
         if entry.bias is not None:
@@ -624,7 +639,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         for module, size in zip(readers, entry.sizes):
             module.precomputed = reads[..., start : start + size]
             start += size
-        return product[..., entry.reader_rows :] if entry.weight.shape[0] > entry.reader_rows else None
+        return product[..., entry.reader_rows :] if entry.weight_t.shape[1] > entry.reader_rows else None
 
     @staticmethod
     def _clear(readers: list[nn.Module]) -> None:
@@ -848,7 +863,18 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     card_writer: Callable[[str | os.PathLike], Any] | None = None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
-        """``PreTrainedModel.save_pretrained``, then the model card (with the plugin; see ``card_writer``)."""
+        """``PreTrainedModel.save_pretrained``, then the model card (with the plugin; see ``card_writer``).
+
+        Fused weights are interleaved column blocks of one matrix, which transformers would take for tensors that
+        share memory and refuse; they are written from contiguous copies (transformers copied them before too).
+        """
+        if len(args) < 2:
+            state_dict = kwargs.get("state_dict")
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            if any(isinstance(v, torch.Tensor) and not v.is_contiguous() for v in state_dict.values()):
+                kwargs["state_dict"] = {
+                    k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()
+                }
         result = super().save_pretrained(save_directory, *args, **kwargs)
         is_main = kwargs.get("is_main_process", args[0] if args else True)
         writer = type(self).card_writer
