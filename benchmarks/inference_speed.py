@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, StaticCache
 
 import hf_slicegpt
+from hf_slicegpt.modeling.modeling_sliced import CACHE_NAME
 from hf_slicegpt.workflows.data import calibration_tokens
 from hf_slicegpt.workflows.loading import load_model_and_tokenizer
 
@@ -148,7 +149,13 @@ def prefill_flops(model, ids: torch.Tensor) -> int:
 
 
 class Decoder:
-    """Batch-1 greedy decode with a static KV cache; the step is ``torch.compile``-d (unless ``compile=False``)."""
+    """Batch-1 greedy decode with a static KV cache; the step is ``torch.compile``-d (unless ``compile=False``).
+
+    The cache goes in under the keyword this transformers reads (``CACHE_NAME``: ``past_key_values`` before 5.24,
+    ``cache`` from it on). Under the other name a transformers model takes it into ``**kwargs`` and ignores it:
+    until 2026-12-03 the dense model decoded here attended to the current token only (cheaper and wrong), while
+    the plugin's model, which reads both names, used its cache.
+    """
 
     def __init__(self, model, prompt_len: int, tokens: int, device: torch.device, compile: bool):
         self.model, self.prompt_len, self.tokens, self.device = model, prompt_len, tokens, device
@@ -160,7 +167,11 @@ class Decoder:
         self.cache.reset()
         positions = torch.arange(prompt.shape[1], device=self.device)[None]
         out = self.model(
-            input_ids=prompt, position_ids=positions, cache=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=prompt,
+            position_ids=positions,
+            **{CACHE_NAME: self.cache},
+            use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1:].argmax(-1)
 
@@ -170,12 +181,22 @@ class Decoder:
         token = self._prompt(prompt)
         sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
-        for i in range(self.tokens):
-            position = torch.full((1, 1), self.prompt_len + i, device=self.device, dtype=torch.long)
-            out = self.step(input_ids=token, position_ids=position, cache=self.cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+        self.steps(token)
         sync(self.device)
         return time.perf_counter() - wall, time.process_time() - cpu
+
+    @torch.no_grad()
+    def steps(self, token: torch.Tensor) -> torch.Tensor:
+        """``tokens`` greedy single-token steps after the prompt's cache (what :meth:`run` times); their tokens."""
+        generated = []
+        for i in range(self.tokens):
+            position = torch.full((1, 1), self.prompt_len + i, device=self.device, dtype=torch.long)
+            out = self.step(
+                input_ids=token, position_ids=position, **{CACHE_NAME: self.cache}, use_cache=True
+            )
+            token = out.logits[:, -1:].argmax(-1)
+            generated.append(token)
+        return torch.cat(generated, 1)
 
     @torch.no_grad()
     def flops(self, prompt: torch.Tensor) -> int:
@@ -183,7 +204,9 @@ class Decoder:
         token = self._prompt(prompt)
         position = torch.full((1, 1), self.prompt_len, device=self.device, dtype=torch.long)
         return count_flops(
-            lambda: self.model(input_ids=token, position_ids=position, cache=self.cache, use_cache=True)
+            lambda: self.model(
+                input_ids=token, position_ids=position, **{CACHE_NAME: self.cache}, use_cache=True
+            )
         )
 
 

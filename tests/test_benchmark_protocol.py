@@ -61,3 +61,27 @@ def test_summary_pairs_rounds_and_uses_medians():
     assert sliced["throughput"] == pytest.approx(100.0)
     assert sliced["best_speedup"] == pytest.approx(10.0 / 8.0)
     assert sliced["best_realised"] == pytest.approx(0.25 / 0.3)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_the_decoder_uses_its_cache_for_dense_and_sliced(sliced: bool):
+    """Greedy tokens decoded step by step through the static cache equal greedy tokens of full forwards.
+
+    The dense model once ignored a cache passed under the wrong keyword and attended to the current token only.
+    """
+    from tiny import calibration, make_tiny
+
+    import hf_slicegpt
+
+    torch.manual_seed(0)
+    model = make_tiny("llama")
+    if sliced:
+        model = hf_slicegpt.slice_model(model, calibration(), 0.25, round_to=4, show_progress=False)
+    model.eval()
+    prompt = calibration(1, 8, seed=5)
+    decoder = bench.Decoder(model, prompt_len=8, tokens=3, device=torch.device("cpu"), compile=False)
+    first = decoder._prompt(prompt)
+    tokens = torch.cat([first, decoder.steps(first)], 1)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, tokens], 1)).logits[:, 7:-1].argmax(-1)
+    assert torch.equal(tokens, full)
