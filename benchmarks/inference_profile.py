@@ -8,6 +8,12 @@ also be profiled on its plain (unfused) path with ``NAME:plain=DIR``.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_profile.py dense=DENSE layer-25%=LAYER \\
         native-25%=NATIVE --shape 8x512 --rounds 3
+
+With ``--decode N`` it profiles ``N`` compiled batch-1 decode steps instead (static cache and ``torch.compile``,
+as ``inference_speed.py`` times them; the prompt's prefill and the compilation are outside the profile). GEMMs
+are then listed per weight shape, and the table gives milliseconds per token:
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_profile.py dense=DENSE layer-25%=LAYER --decode 16
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import statistics
 from collections import defaultdict
 
 import torch
+from inference_speed import Decoder
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
@@ -43,6 +50,22 @@ def profiled(model, ids: torch.Tensor) -> dict[str, tuple[int, float]]:
     return {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
 
 
+@torch.no_grad()
+def profiled_decode(decoder: Decoder, prompt: torch.Tensor) -> dict[str, tuple[int, float]]:
+    """Calls and self-CPU seconds per op (GEMMs per input shape) of ``decoder.tokens`` compiled decode steps."""
+    token = decoder._prompt(prompt)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        decoder.steps(token)
+    ops: dict[str, tuple[int, float]] = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        key = event.key
+        if key in GROUPS["GEMMs"]:
+            key = f"{key} {event.input_shapes[:2]}"
+        calls, seconds = ops.get(key, (0, 0.0))
+        ops[key] = (calls + event.count, seconds + event.self_cpu_time_total / 1e6)
+    return ops
+
+
 def load(spec: str):
     name, _, path = spec.partition("=")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -59,33 +82,67 @@ def main() -> None:
     parser.add_argument("--shape", default="8x512", help="prefill BATCHxSEQ")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=14, help="ops shown (by the first model's time)")
+    parser.add_argument("--decode", type=int, default=0, help="profile N compiled decode steps instead")
+    parser.add_argument("--prompt-len", type=int, default=128, help="the decode's prompt")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    batch, seq_len = (int(n) for n in args.shape.split("x"))
+    batch, seq_len = (1, args.prompt_len) if args.decode else (int(n) for n in args.shape.split("x"))
     models = dict(load(spec) for spec in args.models)
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    if args.decode:
+        cpu = torch.device("cpu")
+        decoders = {
+            name: Decoder(m, args.prompt_len, args.decode, cpu, compile=True) for name, m in models.items()
+        }
+        run, per, scale, what = (
+            lambda name: profiled_decode(decoders[name], ids),
+            args.decode,
+            1e3,
+            f"compiled decode, {args.decode} steps after {args.prompt_len} tokens: calls per step / self-CPU ms per step",
+        )
+    else:
+        run, per, scale, what = (
+            lambda name: profiled(models[name], ids),
+            1,
+            1.0,
+            f"prefill {batch} x {seq_len}: calls / self-CPU s",
+        )
     samples: dict[str, dict[str, list]] = {name: defaultdict(list) for name in models}
-    for model in models.values():  # warm-up at the full shape
-        profiled(model, ids)
     names = list(models)
+    for name in names:  # warm-up at the full shape (and compilation)
+        run(name)
     for rep in range(args.rounds):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            for op, value in profiled(models[name], ids).items():
+            for op, value in run(name).items():
                 samples[name][op].append(value)
     table = {
-        name: {op: (values[0][0], statistics.median(v[1] for v in values)) for op, values in ops.items()}
+        name: {
+            op: (values[0][0] // per, statistics.median(v[1] for v in values) * scale / per)
+            for op, values in ops.items()
+        }
         for name, ops in samples.items()
     }
+    print_table(table, names, what + f", one thread, median of {args.rounds} profiles", args.rows)
+
+
+def print_table(
+    table: dict[str, dict[str, tuple[int, float]]], names: list[str], title: str, rows: int
+) -> None:
     first = table[names[0]]
-    print(f"prefill {batch} x {seq_len}, one thread, median of {args.rounds} profiles: calls / self-CPU s\n")
+    ops = sorted(first, key=lambda op: -first[op][1])[:rows]
+    ops += [op for name in names[1:] for op in sorted(table[name], key=lambda o: -table[name][o][1])[:rows]]
+    print(title + "\n")
     print("| op | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for op in sorted(first, key=lambda op: -first[op][1])[: args.rows]:
+    for op in dict.fromkeys(ops):
         cells = [f"{table[n].get(op, (0, 0.0))[0]} / {table[n].get(op, (0, 0.0))[1]:.2f}" for n in names]
         print(f"| `{op}` | " + " | ".join(cells) + " |")
     for group in [*GROUPS, "other (elementwise, copies)"]:
-        cells = [f"{sum(s for op, (_, s) in table[n].items() if group_of(op) == group):.2f}" for n in names]
+        cells = [
+            f"{sum(s for op, (_, s) in table[n].items() if group_of(op.split(' ')[0]) == group):.2f}"
+            for n in names
+        ]
         print(f"| **{group}** | " + " | ".join(cells) + " |")
     print("| **total** | " + " | ".join(f"{sum(s for _, s in table[n].values()):.2f}" for n in names) + " |")
 
