@@ -53,7 +53,7 @@ def profiled(model, ids: torch.Tensor) -> dict[str, tuple[int, float]]:
 @torch.no_grad()
 def profiled_decode(decoder: Decoder, prompt: torch.Tensor) -> dict[str, tuple[int, float]]:
     """Calls and self-CPU seconds per op (GEMMs per input shape) of ``decoder.tokens`` compiled decode steps."""
-    token = decoder._prompt(prompt)
+    token = decoder.start(prompt)
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         decoder.steps(token)
     ops: dict[str, tuple[int, float]] = {}

@@ -163,7 +163,8 @@ class Decoder:
         self.step = torch.compile(model, dynamic=False, fullgraph=False) if compile else model
 
     @torch.no_grad()
-    def _prompt(self, prompt: torch.Tensor) -> torch.Tensor:
+    def start(self, prompt: torch.Tensor) -> torch.Tensor:
+        """Reset the cache, prefill ``prompt`` into it (eager, untimed) and return the first greedy token."""
         self.cache.reset()
         positions = torch.arange(prompt.shape[1], device=self.device)[None]
         out = self.model(
@@ -178,7 +179,7 @@ class Decoder:
     @torch.no_grad()
     def run(self, prompt: torch.Tensor) -> tuple[float, float]:
         """Wall and CPU seconds for ``tokens`` single-token steps after the (untimed) prompt."""
-        token = self._prompt(prompt)
+        token = self.start(prompt)
         sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
         self.steps(token)
@@ -201,7 +202,7 @@ class Decoder:
     @torch.no_grad()
     def flops(self, prompt: torch.Tensor) -> int:
         """FLOPs of one decode step after the prompt (the attention reads the prompt's cache), eager."""
-        token = self._prompt(prompt)
+        token = self.start(prompt)
         position = torch.full((1, 1), self.prompt_len, device=self.device, dtype=torch.long)
         return count_flops(
             lambda: self.model(

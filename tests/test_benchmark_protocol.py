@@ -80,7 +80,7 @@ def test_the_decoder_uses_its_cache_for_dense_and_sliced(sliced: bool):
     model.eval()
     prompt = calibration(1, 8, seed=5)
     decoder = bench.Decoder(model, prompt_len=8, tokens=3, device=torch.device("cpu"), compile=False)
-    first = decoder._prompt(prompt)
+    first = decoder.start(prompt)
     tokens = torch.cat([first, decoder.steps(first)], 1)
     with torch.no_grad():
         full = model(torch.cat([prompt, tokens], 1)).logits[:, 7:-1].argmax(-1)

@@ -27,8 +27,8 @@ checkpoint's set of shortcut matrices never changes). By default (``correction_s
 leaves ``x_s`` out of ``X`` altogether: the shortcut stays the plain change of basis and its term stays in the
 residual ``E`` (refit shortcuts were measured to extrapolate badly to text unlike the calibration).
 ``lambda`` is chosen by the error on calibration sequences held out of the fit (``lambda = inf``, i.e. no
-correction, is always a candidate), then the solve is redone on all sequences. The normal equations are float64 sums of float32 chunk products, as for covariances;
-``X^T W X`` is symmetric, so only its upper block triangle is multiplied (about 57% of the FLOPs of the full
+correction, is always a candidate), then the solve is redone on all sequences. The normal equations are float64
+sums of float32 chunk products, as for covariances; ``X^T W X`` is symmetric, so only its upper block triangle is multiplied (about 57% of the FLOPs of the full
 product at 1,968 features), and ``T^T W T`` is summed only on held-out rows, the only ones whose error is read.
 
 Everything here is pure tensor maths with no knowledge of the layer loop; :mod:`.refit` is the loop's step
@@ -187,7 +187,7 @@ def ridge_solve(
     free = _free_index(eq.features, fixed)
     energy = eq.gram.diagonal()
     top = float(energy[free].max()) if bool(free.any()) else 0.0
-    free &= energy > 1e-12 * top if top > 0 else torch.zeros_like(free)
+    free &= energy > 1e-12 * top  # with no energy at all (top 0), no row is free
     if not bool(free.any()):
         return prior.clone()
     gram = eq.gram[free][:, free]
