@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 
 import torch
-from inference_speed import Decoder
+from inference_speed import Decoder, compile_options, set_inductor
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
@@ -84,7 +84,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=14, help="ops shown (by the first model's time)")
     parser.add_argument("--decode", type=int, default=0, help="profile N compiled decode steps instead")
     parser.add_argument("--prompt-len", type=int, default=128, help="the decode's prompt")
+    parser.add_argument(
+        "--compile-options", nargs="+", default=[], metavar="KEY=VALUE", help="as inference_speed.py's"
+    )
     args = parser.parse_args()
+    set_inductor(compile_options(args.compile_options))
     torch.set_num_threads(1)
     batch, seq_len = (1, args.prompt_len) if args.decode else (int(n) for n in args.shape.split("x"))
     models = dict(load(spec) for spec in args.models)

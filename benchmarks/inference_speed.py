@@ -16,7 +16,10 @@ Protocol:
 - prefill: ``batch x seq_len`` tokens in one forward with the KV cache on and logits for the last position, as
   ``generate`` runs it (``--shapes``, default 8x512 1x1024 8x256);
 - decode: batch 1, a static KV cache and ``torch.compile`` for dense and sliced alike, greedy tokens/s after a
-  ``--prompt-len`` prompt (the prompt's prefill is not timed);
+  ``--prompt-len`` prompt (the prompt's prefill is not timed); ``--compile-options`` sets inductor settings for
+  every model alike (on CPU ``freezing=True max_autotune=True max_autotune_gemm_backends=CPP,ATEN`` prepacks the
+  weights and autotunes each GEMM against C++ templates), and each model's compiled greedy tokens are checked
+  against its eager ones;
 - peak memory: ``VmHWM`` of a fresh process per model that loads it with ``from_pretrained`` and runs one prefill
   of the first shape. Target: sliced peak <= dense peak - weights saved + 5% of the dense peak.
 
@@ -32,6 +35,7 @@ slices SmolLM2 here (``--modes``, ``--sparsities``; 16 x 512 pydocs windows: spe
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import math
@@ -200,6 +204,18 @@ class Decoder:
         return torch.cat(generated, 1)
 
     @torch.no_grad()
+    def agreement(self, prompt: torch.Tensor) -> int:
+        """How many greedy tokens the timed (compiled) steps give equal to the eager model's, up to the first that
+        differs: compile settings such as freezing must not change what is decoded."""
+        timed = self.steps(self.start(prompt))
+        step, self.step = self.step, self.model
+        try:
+            eager = self.steps(self.start(prompt))
+        finally:
+            self.step = step
+        return int((timed == eager).long().cumprod(-1).sum())
+
+    @torch.no_grad()
     def flops(self, prompt: torch.Tensor) -> int:
         """FLOPs of one decode step after the prompt (the attention reads the prompt's cache), eager."""
         token = self.start(prompt)
@@ -209,6 +225,38 @@ class Decoder:
                 input_ids=token, position_ids=position, **{CACHE_NAME: self.cache}, use_cache=True
             )
         )
+
+
+def compile_options(items: list[str]) -> dict[str, object]:
+    """``["freezing=True", "max_autotune_gemm_backends=CPP,ATEN"]`` -> inductor settings (Python literals, else
+    str), each checked to be a ``torch._inductor.config`` name."""
+    import torch._inductor.config as inductor_config
+
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"compile option {item!r} is not KEY=VALUE; e.g. freezing=True")
+        if not hasattr(inductor_config, key):
+            raise ValueError(f"compile option {key!r} is not a torch._inductor.config setting")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def set_inductor(options: dict[str, object]) -> None:
+    """Apply inductor settings process-wide, for every model alike.
+
+    Not through ``torch.compile(options=...)``: with torch 2.13 ``freezing`` and ``max_autotune`` given there
+    do not take effect (dynamo reads ``freezing`` when it traces, before the options are patched in; checked: no
+    GEMM is autotuned), while set on ``torch._inductor.config`` they do.
+    """
+    import torch._inductor.config as inductor_config
+
+    for key, value in options.items():
+        setattr(inductor_config, key, value)
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -392,10 +440,29 @@ def main() -> None:
     parser.add_argument(
         "--no-compile", action="store_true", help="decode eagerly (still with a static cache)"
     )
+    parser.add_argument(
+        "--compile-options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="torch._inductor.config settings for the decode compile, set process-wide for every model, e.g. "
+        "freezing=True max_autotune=True max_autotune_gemm_backends=CPP,ATEN (CPU: weights prepacked as "
+        "constants, GEMMs autotuned against C++ templates)",
+    )
+    parser.add_argument(
+        "--compile-prefill",
+        action="store_true",
+        help="time prefills through torch.compile (one compile per shape; --compile-options apply) instead of eager",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    try:
+        options = compile_options(args.compile_options)
+    except ValueError as exc:
+        parser.error(str(exc))
+    set_inductor(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -423,17 +490,22 @@ def main() -> None:
     for batch, seq_len in [] if args.no_prefill else shapes:
         ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
         work = {name: prefill_flops(model, ids) for name, model in models.items()}
+        # with --compile-prefill each model is compiled for this shape (the warm-up round compiles)
+        runners = {
+            n: torch.compile(m, dynamic=False) if args.compile_prefill else m for n, m in models.items()
+        }
 
         def run(name, model, ids=ids):
             prefill(model, ids)
             sync(device)
 
-        times = round_robin(models, run, args.repeats)
+        times = round_robin(runners, run, args.repeats)
         results["prefill"][f"{batch}x{seq_len}"] = {}
         for clock in ("wall", "cpu"):
             rows = summarise(times[clock], work, batch * seq_len)
             results["prefill"][f"{batch}x{seq_len}"][clock] = rows
-            title = f"prefill {batch} x {seq_len}, tokens/s, {clock} time, {args.repeats} rounds"
+            how = f"torch.compile (inductor: {options})" if args.compile_prefill else "eager"
+            title = f"prefill {batch} x {seq_len}, {how}, tokens/s, {clock} time, {args.repeats} rounds"
             report.append(table(title, rows, "tokens/s"))
             print(report[-1], flush=True)
 
@@ -444,6 +516,10 @@ def main() -> None:
             for name, model in models.items()
         }
         work = {name: decoder.flops(prompt) for name, decoder in decoders.items()}
+        agree = {name: decoder.agreement(prompt) for name, decoder in decoders.items()}  # (compiles each)
+        for name, equal in agree.items():
+            if equal < args.decode_tokens:
+                logger.warning("%s: compiled decode left the eager tokens at step %d", name, equal)
         decode_times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
 
         def run_decode(name, decoder):
@@ -453,7 +529,10 @@ def main() -> None:
 
         round_robin(decoders, run_decode, args.repeats)
         how = "static cache + torch.compile" if not args.no_compile else "static cache, eager"
-        results["decode"] = {}
+        how += f" (inductor: {options})" if options and not args.no_compile else ""
+        results["decode"] = {"tokens_equal_to_eager": agree}
+        report.append(f"greedy tokens equal to eager decoding (of {args.decode_tokens}): {agree}")
+        print(report[-1], flush=True)
         for clock in ("wall", "cpu"):
             timed = {name: values[1:] for name, values in decode_times[clock].items()}  # [0]: warm-up
             rows = summarise(timed, work, args.decode_tokens)

@@ -85,3 +85,33 @@ def test_the_decoder_uses_its_cache_for_dense_and_sliced(sliced: bool):
     with torch.no_grad():
         full = model(torch.cat([prompt, tokens], 1)).logits[:, 7:-1].argmax(-1)
     assert torch.equal(tokens, full)
+
+
+def test_compile_options_parse_literals_and_strings():
+    """``--compile-options`` become inductor settings with their Python types; a misspelt name is refused."""
+    options = bench.compile_options(["freezing=True", "max_autotune_gemm_backends=CPP,ATEN", "cpp.threads=2"])
+    assert options == {"freezing": True, "max_autotune_gemm_backends": "CPP,ATEN", "cpp.threads": 2}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        bench.compile_options(["freezing"])
+    with pytest.raises(ValueError, match="'freezng' is not a torch._inductor.config setting"):
+        bench.compile_options(["freezng=True"])
+
+
+def test_agreement_counts_tokens_up_to_the_first_difference():
+    """The benchmark's check that compile settings leave the decoded tokens alone can fail."""
+    from tiny import calibration, make_tiny
+
+    torch.manual_seed(0)
+    model = make_tiny("llama").eval()
+    prompt = calibration(1, 8, seed=5)
+    decoder = bench.Decoder(model, prompt_len=8, tokens=4, device=torch.device("cpu"), compile=False)
+    assert decoder.agreement(prompt) == 4
+
+    def shifted(**kwargs):  # a "compiled" step whose argmax is off by one from the second step on
+        out = model(**kwargs)
+        if kwargs["position_ids"].item() > 8:
+            out.logits = out.logits.roll(1, dims=-1)
+        return out
+
+    decoder.step = shifted
+    assert decoder.agreement(prompt) == 1
