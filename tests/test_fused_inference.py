@@ -241,3 +241,18 @@ def test_compile_never_fuses_and_refuses_replaced_weights() -> None:
     model.set_fused_inference(True)
     got, _ = _compiled_logits(model, ids)
     assert _relative(changed, plain) > 1e-3 and _relative(got, changed) < RTOL
+
+
+def test_inductor_freezing_compiles_the_fused_model_to_its_eager_logits() -> None:
+    """docs/performance.md's CPU decode recipe: freezing makes the fused matrices graph constants; same logits."""
+    from torch._inductor import config as inductor
+
+    model = _sliced().eval()
+    ids = calibration(2, 10, seed=3)
+    with torch.no_grad():
+        eager = model(ids).logits
+    torch._dynamo.reset()
+    with inductor.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(model, dynamic=False)(ids).logits
+    torch._dynamo.reset()
+    assert _fused_groups(model) > 0 and _relative(compiled, eager) < RTOL
