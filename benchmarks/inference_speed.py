@@ -2,8 +2,9 @@
 
 Every figure is set against the FLOP ideal of its shape: ``ideal = dense FLOPs / sliced FLOPs`` of the same
 forward, counted by ``torch.utils.flop_counter`` on the models as they run (so the shortcuts and the embedding/head
-projections that slicing adds are in it), with the attention core counted too (:func:`attention_flops`). The headline is the *realised share of the ideal gain*,
-``(measured - 1) / (ideal - 1)``: 100% means the sliced model is exactly as much faster as its FLOPs allow.
+projections that slicing adds are in it), with the attention core counted too (:func:`attention_flops`). The
+headline is the *realised share of the ideal gain*, ``(measured - 1) / (ideal - 1)``: 100% means the sliced
+model is exactly as much faster as its FLOPs allow.
 
 Protocol:
 
@@ -404,7 +405,98 @@ def peak_memory(path: Path, shape: tuple[int, int], args, vocab: int) -> dict[st
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
+def time_prefills(
+    args, models: dict, shapes, device, generator, options, results: dict, report: list
+) -> None:
+    """The prefill of each shape, every model round-robin (compiled with ``--compile-prefill``)."""
+    vocab = models["dense"].config.vocab_size
+    for batch, seq_len in shapes:
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
+        work = {name: prefill_flops(model, ids) for name, model in models.items()}
+        # with --compile-prefill each model is compiled for this shape (the warm-up round compiles)
+        runners = {
+            n: torch.compile(m, dynamic=False) if args.compile_prefill else m for n, m in models.items()
+        }
+
+        def run(name, model, ids=ids):
+            prefill(model, ids)
+            sync(device)
+
+        times = round_robin(runners, run, args.repeats)
+        results["prefill"][f"{batch}x{seq_len}"] = {}
+        for clock in ("wall", "cpu"):
+            rows = summarise(times[clock], work, batch * seq_len)
+            results["prefill"][f"{batch}x{seq_len}"][clock] = rows
+            how = f"torch.compile (inductor: {options})" if args.compile_prefill else "eager"
+            title = f"prefill {batch} x {seq_len}, {how}, tokens/s, {clock} time, {args.repeats} rounds"
+            report.append(table(title, rows, "tokens/s"))
+            print(report[-1], flush=True)
+
+
+def time_decode(args, models: dict, device, generator, options, results: dict, report: list) -> None:
+    """Batch-1 decode, every model round-robin, after checking its compiled tokens against eager ones."""
+    vocab = models["dense"].config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator).to(device)
+    decoders = {
+        name: Decoder(model, args.prompt_len, args.decode_tokens, device, not args.no_compile)
+        for name, model in models.items()
+    }
+    work = {name: decoder.flops(prompt) for name, decoder in decoders.items()}
+    agree = {name: decoder.agreement(prompt) for name, decoder in decoders.items()}  # (compiles each)
+    for name, equal in agree.items():
+        if equal < args.decode_tokens:
+            logger.warning("%s: compiled decode left the eager tokens at step %d", name, equal)
+    decode_times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
+
+    def run_decode(name, decoder):
+        wall, cpu = decoder.run(prompt)  # the steps only, not the prompt
+        decode_times["wall"].setdefault(name, []).append(wall)
+        decode_times["cpu"].setdefault(name, []).append(cpu)
+
+    round_robin(decoders, run_decode, args.repeats)
+    how = "static cache + torch.compile" if not args.no_compile else "static cache, eager"
+    how += f" (inductor: {options})" if options and not args.no_compile else ""
+    results["decode"] = {"tokens_equal_to_eager": agree}
+    report.append(f"greedy tokens equal to eager decoding (of {args.decode_tokens}): {agree}")
+    print(report[-1], flush=True)
+    for clock in ("wall", "cpu"):
+        timed = {name: values[1:] for name, values in decode_times[clock].items()}  # [0]: warm-up
+        rows = summarise(timed, work, args.decode_tokens)
+        results["decode"][clock] = rows
+        title = (
+            f"decode batch 1, {args.decode_tokens} tokens after {args.prompt_len}, {how}, tokens/s, "
+            f"{clock} time, {args.repeats} rounds"
+        )
+        report.append(table(title, rows, "tokens/s"))
+        print(report[-1], flush=True)
+
+
+def measure_memory(args, models: dict, paths: dict, shape, results: dict, report: list) -> None:
+    """Peak RSS of a fresh process per model against the target: dense peak - weights saved + 5%."""
+    vocab = models["dense"].config.vocab_size
+    memory = {name: peak_memory(path, shape, args, vocab) for name, path in paths.items()}
+    dense_peak = memory["dense"]["peak_rss_bytes"]
+    dense_weights = parameter_bytes(models["dense"])
+    lines = [
+        f"\npeak RSS (VmHWM) of a fresh process: from_pretrained + one {shape[0]} x {shape[1]} prefill\n",
+        "| model | weights MiB | peak RSS MiB | allowed: dense peak - weights saved + 5% | met |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in memory.items():
+        row["weights_bytes"] = parameter_bytes(models[name])
+        row["allowed_bytes"] = dense_peak - (dense_weights - row["weights_bytes"]) + 0.05 * dense_peak
+        row["met"] = row["peak_rss_bytes"] <= row["allowed_bytes"]
+        lines.append(
+            f"| {name} | {row['weights_bytes'] / 2**20:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{row['allowed_bytes'] / 2**20:.0f} | {'yes' if row['met'] else 'NO'} |"
+        )
+    results["memory"] = memory
+    report.append("\n".join(lines))
+    print(report[-1], flush=True)
+
+
+def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
+    """The command line, and the inductor settings it names (checked)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -462,6 +554,11 @@ def main() -> None:
         options = compile_options(args.compile_options)
     except ValueError as exc:
         parser.error(str(exc))
+    return args, options
+
+
+def main() -> None:
+    args, options = parse_args()
     set_inductor(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -482,89 +579,16 @@ def main() -> None:
     }
     paths = prepare_models(args, Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-")))
     models = {name: load(path, name, dtype, device) for name, path in paths.items()}
-    vocab = models["dense"].config.vocab_size
     generator = torch.Generator().manual_seed(0)
     results: dict = {"machine": machine, "args": vars(args), "prefill": {}, "decode": None, "memory": None}
     report = [f"machine: {machine}", f"models: { {n: str(p) for n, p in paths.items()} }"]
 
-    for batch, seq_len in [] if args.no_prefill else shapes:
-        ids = torch.randint(0, vocab, (batch, seq_len), generator=generator).to(device)
-        work = {name: prefill_flops(model, ids) for name, model in models.items()}
-        # with --compile-prefill each model is compiled for this shape (the warm-up round compiles)
-        runners = {
-            n: torch.compile(m, dynamic=False) if args.compile_prefill else m for n, m in models.items()
-        }
-
-        def run(name, model, ids=ids):
-            prefill(model, ids)
-            sync(device)
-
-        times = round_robin(runners, run, args.repeats)
-        results["prefill"][f"{batch}x{seq_len}"] = {}
-        for clock in ("wall", "cpu"):
-            rows = summarise(times[clock], work, batch * seq_len)
-            results["prefill"][f"{batch}x{seq_len}"][clock] = rows
-            how = f"torch.compile (inductor: {options})" if args.compile_prefill else "eager"
-            title = f"prefill {batch} x {seq_len}, {how}, tokens/s, {clock} time, {args.repeats} rounds"
-            report.append(table(title, rows, "tokens/s"))
-            print(report[-1], flush=True)
-
+    if not args.no_prefill:
+        time_prefills(args, models, shapes, device, generator, options, results, report)
     if not args.no_decode:
-        prompt = torch.randint(0, vocab, (1, args.prompt_len), generator=generator).to(device)
-        decoders = {
-            name: Decoder(model, args.prompt_len, args.decode_tokens, device, not args.no_compile)
-            for name, model in models.items()
-        }
-        work = {name: decoder.flops(prompt) for name, decoder in decoders.items()}
-        agree = {name: decoder.agreement(prompt) for name, decoder in decoders.items()}  # (compiles each)
-        for name, equal in agree.items():
-            if equal < args.decode_tokens:
-                logger.warning("%s: compiled decode left the eager tokens at step %d", name, equal)
-        decode_times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-
-        def run_decode(name, decoder):
-            wall, cpu = decoder.run(prompt)  # the steps only, not the prompt
-            decode_times["wall"].setdefault(name, []).append(wall)
-            decode_times["cpu"].setdefault(name, []).append(cpu)
-
-        round_robin(decoders, run_decode, args.repeats)
-        how = "static cache + torch.compile" if not args.no_compile else "static cache, eager"
-        how += f" (inductor: {options})" if options and not args.no_compile else ""
-        results["decode"] = {"tokens_equal_to_eager": agree}
-        report.append(f"greedy tokens equal to eager decoding (of {args.decode_tokens}): {agree}")
-        print(report[-1], flush=True)
-        for clock in ("wall", "cpu"):
-            timed = {name: values[1:] for name, values in decode_times[clock].items()}  # [0]: warm-up
-            rows = summarise(timed, work, args.decode_tokens)
-            results["decode"][clock] = rows
-            title = (
-                f"decode batch 1, {args.decode_tokens} tokens after {args.prompt_len}, {how}, tokens/s, "
-                f"{clock} time, {args.repeats} rounds"
-            )
-            report.append(table(title, rows, "tokens/s"))
-            print(report[-1], flush=True)
-
+        time_decode(args, models, device, generator, options, results, report)
     if not args.no_memory:
-        shape = shapes[0]
-        memory = {name: peak_memory(path, shape, args, vocab) for name, path in paths.items()}
-        dense_peak = memory["dense"]["peak_rss_bytes"]
-        dense_weights = parameter_bytes(models["dense"])
-        lines = [
-            f"\npeak RSS (VmHWM) of a fresh process: from_pretrained + one {shape[0]} x {shape[1]} prefill\n",
-            "| model | weights MiB | peak RSS MiB | allowed: dense peak - weights saved + 5% | met |",
-            "|---|---|---|---|---|",
-        ]
-        for name, row in memory.items():
-            row["weights_bytes"] = parameter_bytes(models[name])
-            row["allowed_bytes"] = dense_peak - (dense_weights - row["weights_bytes"]) + 0.05 * dense_peak
-            row["met"] = row["peak_rss_bytes"] <= row["allowed_bytes"]
-            lines.append(
-                f"| {name} | {row['weights_bytes'] / 2**20:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
-                f"{row['allowed_bytes'] / 2**20:.0f} | {'yes' if row['met'] else 'NO'} |"
-            )
-        results["memory"] = memory
-        report.append("\n".join(lines))
-        print(report[-1], flush=True)
+        measure_memory(args, models, paths, shapes[0], results, report)
 
     machine["load_average_at_end"] = os.getloadavg()
     print(

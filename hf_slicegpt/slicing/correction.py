@@ -28,8 +28,9 @@ leaves ``x_s`` out of ``X`` altogether: the shortcut stays the plain change of b
 residual ``E`` (refit shortcuts were measured to extrapolate badly to text unlike the calibration).
 ``lambda`` is chosen by the error on calibration sequences held out of the fit (``lambda = inf``, i.e. no
 correction, is always a candidate), then the solve is redone on all sequences. The normal equations are float64
-sums of float32 chunk products, as for covariances; ``X^T W X`` is symmetric, so only its upper block triangle is multiplied (about 57% of the FLOPs of the full
-product at 1,968 features), and ``T^T W T`` is summed only on held-out rows, the only ones whose error is read.
+sums of float32 chunk products, as for covariances; ``X^T W X`` is symmetric, so only its upper block triangle
+is multiplied (about 57% of the FLOPs of the full product at 1,968 features), and ``T^T W T`` is summed only on
+held-out rows, the only ones whose error is read.
 
 Everything here is pure tensor maths with no knowledge of the layer loop; :mod:`.refit` is the loop's step
 that gathers the signals (the dense stream, each writer's input) and applies the solution.
