@@ -427,8 +427,9 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
             )
         )
         if settings.get("broad_mix"):
+            kinds = ", ".join(settings.get("broad_mix_kinds", ["code", "structured"]))  # before "prose" came
             rows.append(
-                ("built-in broad mix", f"{settings['broad_mix']:g} of the windows per kind (code, records)")
+                ("built-in broad mix", f"{settings['broad_mix']:g} of the windows per kind ({kinds})")
             )
     elif slicing.get("calibration_sequences"):
         rows.append(("calibration sequences", _fmt(slicing.get("calibration_sequences"))))

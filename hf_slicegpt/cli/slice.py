@@ -309,7 +309,8 @@ def register(subparsers: Any) -> None:
         type=float,
         default=BROAD_FRACTION,
         help=f"replace a share F of the calibration windows per built-in kind of text (Python source, "
-        f"structured records) for robustness to other text (default {BROAD_FRACTION:g}; 0: off, the paper)",
+        f"structured records, installed packages' READMEs and licences) for robustness to other text "
+        f"(default {BROAD_FRACTION:g}; 0: off, the paper)",
     )
     parser.add_argument(
         "--calibration-augment",

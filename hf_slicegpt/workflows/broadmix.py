@@ -8,46 +8,76 @@ no evaluation source of ``benchmarks/`` is read:
 - ``code``: the Python standard library's own source files (code, comments, docstrings), from this install;
 - ``structured``: deterministic synthetic records (key/value lines, tables, dates, numbers with units, paths,
   e-mail-like identifiers, accented and Greek/Cyrillic words) from a generator of its own (not the one
-  ``benchmarks/robustness.py`` evaluates on).
+  ``benchmarks/robustness.py`` evaluates on);
+- ``prose``: the English that ships with the installed Python packages: each distribution's long description
+  (its README) and its licence and notice files, read through ``importlib.metadata``.
+
+Each kind is a list of documents; :func:`broad_texts` joins them up to a size cap and takes a ``keep`` filter,
+so that a benchmark can leave out any document that shares text with what it evaluates on.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import random
 import sysconfig
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-BROAD_KINDS = ("code", "structured")
-# Share of the calibration windows taken from each kind (2 kinds x 1/16 = 1/8 of the windows in all).
+BROAD_KINDS = ("code", "structured", "prose")
+# Share of the calibration windows taken from each kind (3 kinds x 1/16 = 3/16 of the windows in all).
 BROAD_FRACTION = 1 / 16
-_CODE_CHARS = 300_000
+_KIND_CHARS = 300_000
+_PROSE_FILES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
+_MIN_DOCUMENT_CHARS = 400
+_PROSE_DOCUMENT_CHARS = 4_000
 _SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "config-")
 
 
-def stdlib_code(max_chars: int = _CODE_CHARS) -> str:
-    """The first ``max_chars`` characters of the standard library's ``.py`` files, in sorted order."""
+def stdlib_code() -> Iterator[str]:
+    """The standard library's ``.py`` files (tests, GUIs and vendored code left out), in sorted order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if any(part.startswith(_SKIP) for part in rel.split("/")):
             continue
         try:
-            text = path.read_text(encoding="utf-8")
+            yield f"# {rel}\n{path.read_text(encoding='utf-8')}"
         except (OSError, UnicodeDecodeError):
             continue
-        parts.append(f"# {rel}\n{text}")
-        total += len(parts[-1])
-        if total >= max_chars:
-            break
-    if not parts:
-        logger.warning("no standard-library source found under %s; the code kind is empty", root)
-    return "\n\n".join(parts)[:max_chars]
+
+
+def package_prose(seed: int = 0) -> Iterator[str]:
+    """The installed distributions' long descriptions and licence/notice files, each cut at 4,000 characters.
+
+    The documents come in a seeded shuffle of their sorted order, so that any prefix of them spans many
+    packages and both kinds of text (READMEs and legal English); exact repeats come once.
+    """
+    documents: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        documents[f"{name}/description"] = (
+            dist.metadata.get_payload() or dist.metadata.get("Description") or ""
+        )
+        for file in dist.files or []:
+            if file.parts[0].endswith(".dist-info") and file.name.upper().startswith(_PROSE_FILES):
+                try:
+                    documents[f"{name}/{file}"] = file.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    continue
+    order = sorted(documents)
+    random.Random(seed).shuffle(order)
+    seen: set[str] = set()
+    for key in order:
+        text = documents[key].strip()[:_PROSE_DOCUMENT_CHARS]
+        if len(text) >= _MIN_DOCUMENT_CHARS and text not in seen:
+            seen.add(text)
+            yield text
 
 
 def structured_text(seed: int = 12345, records: int = 4000) -> str:
@@ -105,9 +135,29 @@ def structured_text(seed: int = 12345, records: int = 4000) -> str:
     return "\n".join(lines)  # fmt: skip
 
 
-def broad_texts() -> dict[str, str]:
-    """The built-in kinds by name."""
-    return {"code": stdlib_code(), "structured": structured_text()}
+def broad_documents() -> dict[str, Iterator[str]]:
+    """The built-in kinds by name, each as a lazy sequence of documents."""
+    return {"code": stdlib_code(), "structured": iter([structured_text()]), "prose": package_prose()}
+
+
+def broad_texts(
+    keep: Callable[[str, str], bool] | None = None, max_chars: int = _KIND_CHARS
+) -> dict[str, str]:
+    """Each kind's documents that ``keep(kind, document)`` accepts (all by default), joined, cut at ``max_chars``."""
+    texts = {}
+    for kind, documents in broad_documents().items():
+        parts, total = [], 0
+        for document in documents:
+            if keep is not None and not keep(kind, document):
+                continue
+            parts.append(document)
+            total += len(document)
+            if total >= max_chars:
+                break
+        if not parts:
+            logger.warning("no text found for the broad-mix kind %r; it is left out", kind)
+        texts[kind] = "\n\n".join(parts)[:max_chars]
+    return texts
 
 
 def check_broad_mix(fraction: object) -> None:
@@ -120,11 +170,18 @@ def check_broad_mix(fraction: object) -> None:
 
 
 def with_broad_mix(
-    tokenizer, calibration: torch.LongTensor, *, fraction: float = BROAD_FRACTION, seed: int = 0
+    tokenizer,
+    calibration: torch.LongTensor,
+    *,
+    fraction: float = BROAD_FRACTION,
+    seed: int = 0,
+    texts: Mapping[str, str] | None = None,
 ) -> torch.LongTensor:
-    """Replace a share ``fraction`` of ``calibration``'s windows per built-in kind by windows of that kind.
+    """Replace a share ``fraction`` of ``calibration``'s windows per kind by windows of that kind.
 
-    The number of windows (and so the calibration cost) stays the same. ``fraction=0`` returns the input.
+    The kinds are the built-in ones (:func:`broad_texts`) unless ``texts`` names others; an empty kind is
+    left out. The number of windows (and so the calibration cost) stays the same. ``fraction=0`` returns
+    the input.
     """
     from .data import tokenize_text, windows
 
@@ -133,7 +190,8 @@ def with_broad_mix(
     count = max(1, round(fraction * n)) if fraction > 0 else 0
     if count == 0:
         return calibration
-    keep = n - count * len(BROAD_KINDS)
+    kinds = {kind: text for kind, text in (broad_texts() if texts is None else texts).items() if text}
+    keep = n - count * len(kinds)
     if keep < n / 2:  # a handful of windows: the mix would replace most of the user's own text
         logger.warning(
             "Broad mix skipped: %d calibration windows are too few for %g per kind (it would keep %d)",
@@ -143,9 +201,9 @@ def with_broad_mix(
         )
         return calibration
     parts = []
-    for k, text in enumerate(broad_texts().values()):
+    for k, text in enumerate(kinds.values()):
         ids = tokenize_text(tokenizer, text)
         parts.append(windows(ids, seq_len, count, seed + k))
-    logger.info("Broad mix: %d of %d windows from %s", n - keep, n, ", ".join(BROAD_KINDS))
+    logger.info("Broad mix: %d of %d windows from %s", n - keep, n, ", ".join(kinds))
     kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
     return torch.cat([calibration[kept], *parts])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..slicing import SlicingConfig, slice_model
-from .broadmix import BROAD_FRACTION, check_broad_mix
+from .broadmix import BROAD_FRACTION, BROAD_KINDS, check_broad_mix
 from .loading import capped_seq_len, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class SliceJob:
     calibration_augment: str | None = None
     calibration_mix: list[tuple[str, float]] = field(default_factory=list)
     # The built-in broad mix (workflows.broadmix): this share of the windows per built-in kind of text (Python
-    # source, structured records) replaces calibration windows, so that no calibration set is one kind of text
+    # source, structured records, the installed packages' READMEs and licences) replaces calibration windows, so that no calibration set is one kind of text
     # only. 0 turns it off (the paper's calibration).
     broad_mix: float = BROAD_FRACTION
     # "sliced" (the plugin format) or "native" (the family's own architecture; needs --rotation global).
@@ -88,6 +88,8 @@ def job_settings(job: SliceJob, seq_len: int, device: Any) -> dict[str, Any]:
     settings.pop("overwrite")
     settings.update(settings.pop("config"))
     settings.update(seq_len=seq_len, device=str(device))
+    if job.broad_mix:
+        settings["broad_mix_kinds"] = list(BROAD_KINDS)
     return settings
 
 
