@@ -22,8 +22,10 @@ import argparse
 import json
 import logging
 import random
+import re
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -70,6 +72,21 @@ def synthetic_text(seed: int = 0, records: int = 1500) -> str:
                 f"def {ident}(x, y={rng.randint(0, 9)}):\n    return x ** {rng.randint(2, 5)} - y  # {ident}"
             )
     return "\n".join(lines)
+
+
+def shares_text_with(texts: list[str], n: int = 13) -> Callable[[str], bool]:
+    """A test of whether a document repeats any run of ``n`` words of ``texts`` (case and punctuation aside).
+
+    Used to leave such documents out of a calibration mix, so that no figure is measured on text that was
+    calibrated on (13 words, as in GPT-3's decontamination).
+    """
+    seen = {gram for text in texts for gram in _word_grams(text, n)}
+    return lambda document: any(gram in seen for gram in _word_grams(document, n))
+
+
+def _word_grams(text: str, n: int) -> Iterator[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def ood_sources(root: Path) -> dict[str, str]:
