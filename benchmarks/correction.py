@@ -20,7 +20,8 @@ Variants (comma-separated ``--variants``):
   correction fits (``correction_basis="dense"``): bases chosen by what the next computations should see;
 - ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix`` / ``default+mix``: the built-in broad mix
   (``hf_slicegpt.workflows.broadmix``) blended into the calibration windows (same number of windows), less
-  every document that repeats 13 words of an evaluated text (recorded as ``broad_mix`` in the JSON).
+  every document that repeats 13 words of an evaluated text (recorded as ``broad_mix`` in the JSON);
+  ``default+mix-code-structured``: the mix without its ``prose`` kind, as it was until 2026-12-04.
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
 
@@ -61,6 +62,10 @@ VARIANTS = {
     "ridge-quarter": dict(correction="ridge", correction_fraction=0.25),
     "default": dict(correction="ridge", correction_fraction=None),  # fraction: automatic (~16k tokens fitted)
     "default+mix": dict(correction="ridge", correction_fraction=None, mix=True),
+    # the broad mix before its "prose" kind (2026-12-03)
+    "default+mix-code-structured": dict(
+        correction="ridge", correction_fraction=None, mix=("code", "structured")
+    ),
     "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
@@ -213,7 +218,9 @@ def main() -> None:
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             settings = VARIANTS[variant]
-            data = with_broad_mix(tokenizer, calib, texts=mix_texts) if settings.get("mix") else calib
+            mix = settings.get("mix")
+            kinds = {k: v for k, v in mix_texts.items() if mix is True or k in mix}
+            data = with_broad_mix(tokenizer, calib, texts=kinds) if mix else calib
             for sparsity in map(float, args.sparsities.split(",")):
                 model = copy.deepcopy(dense)
                 start = time.perf_counter()
