@@ -2,8 +2,9 @@
 
 SliceGPT keeps the directions its calibration text uses; a model sliced on one kind of text can be much worse on
 others (BENCHMARKS.md, "Robustness"). Blending a few windows of other kinds of text into any calibration set
-keeps most of them. The kinds here are made on the spot, so nothing third-party is stored in the project and
-no evaluation source of ``benchmarks/`` is read:
+keeps most of them. The kinds here are made or read on the spot, so nothing third-party is stored in the
+project, and no evaluation source of ``benchmarks/`` is read (the prose kind can hold the same standard licences
+as one; ``benchmarks/correction.py`` leaves such documents out):
 
 - ``code``: the Python standard library's own source files (code, comments, docstrings), from this install;
 - ``structured``: deterministic synthetic records (key/value lines, tables, dates, numbers with units, paths,
