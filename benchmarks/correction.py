@@ -218,9 +218,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             settings = VARIANTS[variant]
-            mix = settings.get("mix")
-            kinds = {k: v for k, v in mix_texts.items() if mix is True or k in mix}
-            data = with_broad_mix(tokenizer, calib, texts=kinds) if mix else calib
+            mix, data = settings.get("mix"), calib
+            if mix:  # True: every built-in kind; a tuple: those kinds
+                kinds = {k: v for k, v in mix_texts.items() if mix is True or k in mix}
+                data = with_broad_mix(tokenizer, calib, texts=kinds)
             for sparsity in map(float, args.sparsities.split(",")):
                 model = copy.deepcopy(dense)
                 start = time.perf_counter()
