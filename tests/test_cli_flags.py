@@ -370,6 +370,7 @@ def test_push_flags_reach_the_hub_calls(slice_runs, monkeypatch, capsys) -> None
     from hf_slicegpt.checkpoint import hub
 
     directory = slice_runs("shared").output
+    capsys.readouterr()  # the slice prints its summary when this test is the first to need the run
     card = (directory / "README.md").read_text()
     apis: list[FakeHfApi] = []
     monkeypatch.setattr(hub, "HfApi", lambda token=None: apis.append(FakeHfApi(token)) or apis[-1])
