@@ -1,4 +1,4 @@
-"""The fused inference path (readers + shortcut in one GEMM on the un-normalised stream) changes nothing visible.
+"""The fused inference path (readers + shortcut in one GEMM on the normed stream) changes nothing visible.
 
 - on every tiny family, per-layer and global rotation, it gives the plain path's logits within 1e-5 relative,
   for a prefill and for a cached decode step, and it really runs (the blocks hold fused matrices);
