@@ -6,7 +6,8 @@
   ``save_pretrained`` (also with Trainer's explicit ``state_dict``) and ``from_pretrained`` see the unfused
   tensors under their usual names;
 - in-place weight updates reach the fused matrix; ``.to(dtype)`` and reassigned weights are re-fused;
-- gradients, or PEFT LoRA wrapping a reader or a shortcut, run the plain path and stay correct.
+- gradients, or PEFT LoRA wrapping a reader or a shortcut, run the plain path and stay correct;
+- ``"auto"`` (the default) runs it eagerly on the CPU only; elsewhere it fuses but runs plain until a trace.
 """
 
 from __future__ import annotations
@@ -256,3 +257,22 @@ def test_inductor_freezing_compiles_the_fused_model_to_its_eager_logits() -> Non
         compiled = torch.compile(model, dynamic=False)(ids).logits
     torch._dynamo.reset()
     assert _fused_groups(model) > 0 and _relative(compiled, eager) < RTOL
+
+
+def test_auto_fuses_everywhere_but_runs_fused_eagerly_on_the_cpu_only() -> None:
+    model = _sliced()
+    layer = model.model.layers[0]
+    assert layer.fused_inference == "auto"
+    with torch.no_grad():
+        assert layer._fused_group("attn") is not None  # eager, on the CPU: fused
+        entry = layer._fused["attn"]
+        entry.weight_t = entry.weight_t.to("meta")  # the fused matrix as if it lived on a GPU
+        assert layer._fused_group("attn") is None  # eager on a GPU: the plain path...
+        assert layer._fused["attn"] is entry  # ...and the matrix is kept for a later trace
+        model.set_fused_inference(True)
+        assert layer._fused_group("attn") == (
+            entry,
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+        )
+    with pytest.raises(ValueError, match="True, False or 'auto'.*'fast'"):
+        model.set_fused_inference("fast")

@@ -470,7 +470,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     are fused on first use (``from_pretrained`` fuses at load); the checkpoint format and parameter names do not
     change. ``torch.compile`` traces the fused path of groups fused before it (a trace
     never fuses). The plain path runs whenever gradients are on, when PEFT or anything else wraps one of these
-    linears, when a compiled block was not fused beforehand, or when ``fused_inference`` is ``False``.
+    linears, when a compiled block was not fused beforehand, or when ``fused_inference`` is ``False``. With
+    ``"auto"`` (the default), an eager forward on a GPU fuses the weights but runs the plain path (see
+    :meth:`SlicedModelForCausalLM.set_fused_inference`).
     """
 
     def __init__(self, config: SlicedConfig, layer_idx: int):
@@ -478,7 +480,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         family = config.family_config
         self.layer_idx = layer_idx
         self.parallel = config.topology == "parallel"
-        self.fused_inference = True
+        self.fused_inference: bool | str = "auto"
         self._fused: dict[str, _FusedGroup] = {}
         d_in = config.attn_input_dims[layer_idx]
         d_out = config.layer_output_dim(layer_idx)
@@ -603,7 +605,13 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         if entry is None:
             self._fused.pop(group, None)  # drop a stale matrix before building the new one
             entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
-        return entry, readers
+        return None if self._eager_plain(entry) else (entry, readers)
+
+    def _eager_plain(self, entry: _FusedGroup) -> bool:
+        """Whether an eager forward runs ``entry``'s group plain: with ``"auto"``, on a GPU, where the readers'
+        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md, GPU). The
+        group stays fused (views, no extra memory) for a later ``torch.compile``, whose trace runs it fused."""
+        return self.fused_inference == "auto" and entry.weight_t.device.type != "cpu"
 
     def _traced_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
         """Under ``torch.compile``: a group fused before tracing (``from_pretrained``, :meth:`fuse`, or an eager
@@ -976,10 +984,17 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
             self.fuse(read)
         return self
 
-    def set_fused_inference(self, enabled: bool) -> None:
-        """Turn the fused inference path (see :class:`SlicedDecoderLayer`) on or off; both give the same logits."""
+    def set_fused_inference(self, enabled: bool | str) -> None:
+        """Turn the fused inference path (see :class:`SlicedDecoderLayer`) on or off; both give the same logits.
+
+        ``"auto"`` (the default) runs it under ``torch.compile`` and eagerly on the CPU, where it was measured to
+        pay; an eager forward on a GPU then runs the plain path, whose separate GEMMs give the elementwise work
+        after them contiguous inputs (faster there at every shape measured, BENCHMARKS.md, GPU).
+        """
+        if not (isinstance(enabled, bool) or enabled == "auto"):
+            raise ValueError(f"fused inference must be True, False or 'auto', got {enabled!r}")
         for layer in self.model.layers:
-            layer.fused_inference = bool(enabled)
+            layer.fused_inference = enabled
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
