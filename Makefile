@@ -7,7 +7,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-slow test-all lint format demo bench clean llamacpp-check
+.PHONY: install test test-slow test-all lint format demo bench clean llamacpp-check gpu-bundle
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,18 @@ $(LLAMACPP_VENV)/.installed:
 
 llamacpp-check: install $(LLAMACPP_VENV)/.installed
 	LLAMACPP_PYTHON=$(LLAMACPP_VENV)/bin/python $(PY) benchmarks/llamacpp_check.py
+
+# What benchmarks/gpu_inference.sh carries to a GPU machine that has its own Python (3.12) and torch but not our
+# pins: the pinned packages that differ there, as wheels (.whl/), and SmolLM2's config and tokenizer (.gpu/).
+GPU_WHEELS := transformers huggingface_hub httpx2 httpcore2 truststore hf-xet tokenizers peft datasets dill multiprocess
+
+gpu-bundle: install
+	rm -rf .whl .gpu
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+		$(foreach p,$(GPU_WHEELS),$(shell grep -i -m1 '^$(p)==' constraints.txt))
+	$(PY) -c "from hf_slicegpt.workflows.loading import load_model_and_tokenizer as load; \
+		m, t = load('smollm2', dtype='float32'); m.config.save_pretrained('.gpu/smollm2'); t.save_pretrained('.gpu/smollm2')"
 
 clean:
 	rm -rf $(VENV) $(LLAMACPP_VENV) .pytest_cache .ruff_cache demo-output

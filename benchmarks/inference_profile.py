@@ -9,6 +9,11 @@ also be profiled on its plain (unfused) path with ``NAME:plain=DIR``.
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_profile.py dense=DENSE layer-25%=LAYER \\
         native-25%=NATIVE --shape 8x512 --rounds 3
 
+With ``--device cuda`` (bfloat16 unless ``--dtype``) each op's time is the GPU time of the kernels it launched, and
+a second table gives the CPU time that launched them (what a small, launch-bound shape is made of):
+
+    python3 benchmarks/inference_profile.py dense=DENSE global-25%=GLOBAL --shape 64x512 --device cuda
+
 With ``--decode N`` it profiles ``N`` compiled batch-1 decode steps instead (static cache and ``torch.compile``,
 as ``inference_speed.py`` times them; the prompt's prefill and the compilation are outside the profile). GEMMs
 are then listed per weight shape, and the table gives milliseconds per token:
@@ -34,6 +39,12 @@ GROUPS = {
     "attention core": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
         "aten::_scaled_dot_product_attention_math",
+        "aten::_scaled_dot_product_flash_attention",
+        "aten::_scaled_dot_product_efficient_attention",
+        "aten::_scaled_dot_product_cudnn_attention",
+        "aten::_cudnn_attention_forward",  # on CUDA the kernels' time sits in these, under the ops above
+        "aten::_flash_attention_forward",
+        "aten::_efficient_attention_forward",
     ),
 }
 
@@ -43,11 +54,23 @@ def group_of(op: str) -> str:
 
 
 @torch.no_grad()
-def profiled(model, ids: torch.Tensor) -> dict[str, tuple[int, float]]:
-    """Calls and self-CPU seconds per op of one prefill."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+def profiled(model, ids: torch.Tensor, clock: str = "cpu") -> dict[str, tuple[int, float]]:
+    """Calls and self seconds per op of one prefill: CPU time, or (``clock="device"``) its kernels' GPU time."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with profile(activities=activities) as prof:
         model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in prof.key_averages()}
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+    # Kernels are listed beside the ops that launched them (whose self GPU time is theirs): ops only. The final
+    # synchronisation waits for the GPU; it is not work.
+    events = [
+        e
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CPU and e.key != "cudaDeviceSynchronize"
+    ]
+    if clock == "device":
+        return {e.key: (e.count, e.self_device_time_total / 1e6) for e in events}
+    return {e.key: (e.count, e.self_cpu_time_total / 1e6) for e in events}
 
 
 @torch.no_grad()
@@ -66,9 +89,9 @@ def profiled_decode(decoder: Decoder, prompt: torch.Tensor) -> dict[str, tuple[i
     return ops
 
 
-def load(spec: str):
+def load(spec: str, device: torch.device, dtype: torch.dtype):
     name, _, path = spec.partition("=")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if name.endswith(":plain"):
         model.set_fused_inference(False)
     return name, model
@@ -87,17 +110,22 @@ def main() -> None:
     parser.add_argument(
         "--compile-options", nargs="+", default=[], metavar="KEY=VALUE", help="as inference_speed.py's"
     )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     args = parser.parse_args()
     set_inductor(compile_options(args.compile_options))
     torch.set_num_threads(1)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     batch, seq_len = (1, args.prompt_len) if args.decode else (int(n) for n in args.shape.split("x"))
-    models = dict(load(spec) for spec in args.models)
+    models = dict(load(spec, device, dtype) for spec in args.models)
     vocab = next(iter(models.values())).config.vocab_size
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     if args.decode:
-        cpu = torch.device("cpu")
+        if device.type != "cpu":
+            parser.error("--decode profiles the CPU; on a GPU time the decode with inference_speed.py")
         decoders = {
-            name: Decoder(m, args.prompt_len, args.decode, cpu, compile=True) for name, m in models.items()
+            name: Decoder(m, args.prompt_len, args.decode, device, compile=True) for name, m in models.items()
         }
         run, per, scale, what = (
             lambda name: profiled_decode(decoders[name], ids),
@@ -106,14 +134,20 @@ def main() -> None:
             f"compiled decode, {args.decode} steps after {args.prompt_len} tokens: calls per step / self-CPU ms per step",
         )
     else:
-        run, per, scale, what = (
-            lambda name: profiled(models[name], ids),
-            1,
-            1.0,
-            f"prefill {batch} x {seq_len}: calls / self-CPU s",
-        )
-    samples: dict[str, dict[str, list]] = {name: defaultdict(list) for name in models}
-    names = list(models)
+        if device.type == "cpu":
+            title = f"prefill {batch} x {seq_len}: calls / self-CPU s"
+            collect(lambda name: profiled(models[name], ids), list(models), args, 1, 1.0, title)
+            return
+        for clock, unit in (("device", "GPU ms"), ("cpu", "self-CPU ms")):  # milliseconds on a GPU
+            title = f"prefill {batch} x {seq_len}, {dtype}, {device.type}: calls / {unit}"
+            collect(lambda name, c=clock: profiled(models[name], ids, c), list(models), args, 1, 1e3, title)
+        return
+    collect(run, list(models), args, per, scale, what)
+
+
+def collect(run, names: list[str], args, per: int, scale: float, title: str) -> None:
+    """Warm every model up, profile ``--rounds`` rounds in a rotated order, and print the medians."""
+    samples: dict[str, dict[str, list]] = {name: defaultdict(list) for name in names}
     for name in names:  # warm-up at the full shape (and compilation)
         run(name)
     for rep in range(args.rounds):
@@ -127,7 +161,7 @@ def main() -> None:
         }
         for name, ops in samples.items()
     }
-    print_table(table, names, what + f", one thread, median of {args.rounds} profiles", args.rows)
+    print_table(table, names, title + f", one thread, median of {args.rounds} profiles", args.rows)
 
 
 def print_table(

@@ -26,10 +26,14 @@ Protocol:
 
 Models: ``--dense DIR`` and ``--checkpoints DIR ...`` (sliced checkpoints in the plugin format, or native exports);
 each is labelled by its slicing mode (``layer``, ``global``, ``native``) and sparsity. Without them, the script
-slices SmolLM2 here (``--modes``, ``--sparsities``; 16 x 512 pydocs windows: speed does not depend on them).
+slices SmolLM2 here (``--modes``, ``--sparsities``; 16 x 512 pydocs windows: speed does not depend on them), on
+``--slice-device`` (default: ``--device``). ``--with-plain`` also times each plugin model on its plain (unfused)
+path. ``--random-weights`` draws the dense weights at random for the config and tokenizer in ``--dense``: for a
+machine the real weights cannot reach (``benchmarks/gpu_inference.sh``, the GPU run).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_speed.py --json benchmarks/results/inference_speed_cpu.json
-    .venv/bin/python benchmarks/inference_speed.py --device cuda --dtype bfloat16 --shapes 1x512 8x512 64x512
+    .venv/bin/python benchmarks/inference_speed.py --device cuda --dtype bfloat16 --shapes 1x512 8x512 64x512 \
+        --compile-options triton.cudagraphs=True   # the GPU run in full: benchmarks/gpu_inference.sh
     .venv/bin/python benchmarks/inference_speed.py --shapes 2x64 --repeats 2 --decode-tokens 4 --no-compile  # smoke
 """
 
@@ -51,7 +55,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, StaticCache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StaticCache
 
 import hf_slicegpt
 from hf_slicegpt.modeling.modeling_sliced import CACHE_NAME
@@ -63,14 +67,17 @@ logger = logging.getLogger("inference_speed")
 _PEAK_CHILD = """
 import json, sys, torch, hf_slicegpt
 from transformers import AutoModelForCausalLM
-path, batch, seq_len, threads, dtype, vocab = sys.argv[1:7]
+path, batch, seq_len, threads, dtype, vocab, device = sys.argv[1:8]
 torch.set_num_threads(int(threads))
-model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
 ids = torch.randint(0, int(vocab), (int(batch), int(seq_len)), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
-    model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1)
 status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("Vm")}
-print(json.dumps({"peak_rss_bytes": status["VmHWM"], "rss_bytes": status["VmRSS"]}))
+peak = {"peak_rss_bytes": status["VmHWM"], "rss_bytes": status["VmRSS"]}
+if device.startswith("cuda"):
+    peak["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+print(json.dumps(peak))
 """
 
 
@@ -83,10 +90,14 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def _slicing(path: Path) -> dict:
+    """The slicing record of a checkpoint's config (empty for dense models and native exports)."""
+    return json.loads((path / "config.json").read_text()).get("slicing") or {}
+
+
 def label(path: Path) -> str:
     """``layer-25%``, ``global-25%`` or ``native-25%`` from a checkpoint's config; ``dense`` otherwise."""
-    config = json.loads((path / "config.json").read_text())
-    slicing = config.get("slicing") or {}
+    slicing = _slicing(path)
     if "sparsity" not in slicing:
         return path.name  # a native export carries no slicing record: name it with NAME=DIR
     mode = slicing.get("rotation", "layer")
@@ -229,8 +240,8 @@ class Decoder:
 
 
 def compile_options(items: list[str]) -> dict[str, object]:
-    """``["freezing=True", "max_autotune_gemm_backends=CPP,ATEN"]`` -> inductor settings (Python literals, else
-    str), each checked to be a ``torch._inductor.config`` name."""
+    """``["freezing=True", "triton.cudagraphs=True"]`` -> inductor settings (Python literals, else str), each
+    checked to be a ``torch._inductor.config`` name (dotted for a nested one)."""
     import torch._inductor.config as inductor_config
 
     options: dict[str, object] = {}
@@ -350,9 +361,25 @@ def load(path: Path, name: str, dtype: torch.dtype, device: torch.device):
     return model
 
 
+def random_dense(source: Path, out: Path) -> Path:
+    """A dense checkpoint with ``source``'s config and tokenizer and seeded random weights.
+
+    For a machine the real weights cannot reach (the device machine takes 64 MiB of files; SmolLM2's GGUF is
+    98 MB): a forward's time does not depend on the values in its matrices, only on their shapes and dtype.
+    """
+    config = AutoConfig.from_pretrained(source)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return out
+
+
 def prepare_models(args, work: Path) -> dict[str, Path]:
     """Checkpoint directories by label: the given ones, or SmolLM2 saved and sliced here."""
-    if args.dense:
+    if args.dense and args.random_weights:
+        paths = {"dense": random_dense(Path(args.dense), work / "dense")}
+    elif args.dense:
         paths = {"dense": Path(args.dense)}
     else:
         dense, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
@@ -366,7 +393,11 @@ def prepare_models(args, work: Path) -> dict[str, Path]:
             paths[name or label(Path(path))] = Path(path)
         return paths
     _, tokenizer = load_model_and_tokenizer(str(paths["dense"]), dtype="float32")
-    calibration = calibration_tokens(tokenizer, "pydocs", num_samples=16, seq_len=512, seed=42)
+    if args.random_weights:  # random weights read random tokens: real text would tell them nothing
+        generator = torch.Generator().manual_seed(42)
+        calibration = torch.randint(0, len(tokenizer), (16, 512), generator=generator)
+    else:
+        calibration = calibration_tokens(tokenizer, "pydocs", num_samples=16, seq_len=512, seed=42)
     for mode in args.modes:
         for sparsity in args.sparsities:
             model, _ = load_model_and_tokenizer(str(paths["dense"]), dtype="float32")
@@ -378,7 +409,9 @@ def prepare_models(args, work: Path) -> dict[str, Path]:
             config = hf_slicegpt.SlicingConfig(
                 sparsity=sparsity, rotation=rotation, correction=args.correction, round_to=round_to
             )
-            sliced = hf_slicegpt.slice_model(model, calibration, config=config, show_progress=False)
+            sliced = hf_slicegpt.slice_model(
+                model, calibration, config=config, device=args.slice_device, show_progress=False
+            )
             path = work / f"{mode}-{sparsity}"
             if mode == "native":
                 hf_slicegpt.save_native(sliced, path)
@@ -395,7 +428,7 @@ def prepare_models(args, work: Path) -> dict[str, Path]:
 def peak_memory(path: Path, shape: tuple[int, int], args, vocab: int) -> dict[str, int]:
     child = subprocess.run(
         [sys.executable, "-c", _PEAK_CHILD, str(path), str(shape[0]), str(shape[1]), str(args.threads)]
-        + [args.dtype, str(vocab)],
+        + [args.dtype, str(vocab), args.device],
         capture_output=True,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
@@ -472,22 +505,28 @@ def time_decode(args, models: dict, device, generator, options, results: dict, r
 
 
 def measure_memory(args, models: dict, paths: dict, shape, results: dict, report: list) -> None:
-    """Peak RSS of a fresh process per model against the target: dense peak - weights saved + 5%."""
+    """Peak memory of a fresh process per model against the target: dense peak - weights saved + 5%.
+
+    On CPU the peak is the process's RSS (``VmHWM``); on CUDA it is the device's peak allocation, where the
+    weights and activations live (the RSS is recorded too)."""
     vocab = models["dense"].config.vocab_size
+    paths = {name: path for name, path in paths.items() if not name.endswith(":plain")}  # same files
     memory = {name: peak_memory(path, shape, args, vocab) for name, path in paths.items()}
-    dense_peak = memory["dense"]["peak_rss_bytes"]
+    key = "peak_device_bytes" if args.device.startswith("cuda") else "peak_rss_bytes"
+    what = "peak CUDA allocation" if key == "peak_device_bytes" else "peak RSS (VmHWM)"
+    dense_peak = memory["dense"][key]
     dense_weights = parameter_bytes(models["dense"])
     lines = [
-        f"\npeak RSS (VmHWM) of a fresh process: from_pretrained + one {shape[0]} x {shape[1]} prefill\n",
-        "| model | weights MiB | peak RSS MiB | allowed: dense peak - weights saved + 5% | met |",
+        f"\n{what} of a fresh process: from_pretrained + one {shape[0]} x {shape[1]} prefill\n",
+        f"| model | weights MiB | {what} MiB | allowed: dense peak - weights saved + 5% | met |",
         "|---|---|---|---|---|",
     ]
     for name, row in memory.items():
         row["weights_bytes"] = parameter_bytes(models[name])
         row["allowed_bytes"] = dense_peak - (dense_weights - row["weights_bytes"]) + 0.05 * dense_peak
-        row["met"] = row["peak_rss_bytes"] <= row["allowed_bytes"]
+        row["met"] = row[key] <= row["allowed_bytes"]
         lines.append(
-            f"| {name} | {row['weights_bytes'] / 2**20:.0f} | {row['peak_rss_bytes'] / 2**20:.0f} | "
+            f"| {name} | {row['weights_bytes'] / 2**20:.0f} | {row[key] / 2**20:.0f} | "
             f"{row['allowed_bytes'] / 2**20:.0f} | {'yes' if row['met'] else 'NO'} |"
         )
     results["memory"] = memory
@@ -502,6 +541,15 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
     )
     parser.add_argument("--model", default="smollm2", help="dense source when --dense is not given")
     parser.add_argument("--dense", default=None, help="dense checkpoint directory")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="--dense holds only a config and a tokenizer: draw the weights at random (seeded); speed does not "
+        "depend on them, perplexity and the decoded tokens do",
+    )
+    parser.add_argument(
+        "--slice-device", default=None, help="where slicing computes its layers (default: --device)"
+    )
     parser.add_argument(
         "--checkpoints",
         nargs="*",
@@ -546,10 +594,18 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
         action="store_true",
         help="time prefills through torch.compile (one compile per shape; --compile-options apply) instead of eager",
     )
+    parser.add_argument(
+        "--with-plain",
+        action="store_true",
+        help="time each plugin-format model unfused too (NAME:plain), as --checkpoints NAME:plain=DIR does",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.random_weights and not args.dense:
+        parser.error("--random-weights needs --dense DIR with the config and tokenizer to draw weights for")
+    args.slice_device = args.slice_device or args.device
     try:
         options = compile_options(args.compile_options)
     except ValueError as exc:
@@ -578,15 +634,21 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
     }
     paths = prepare_models(args, Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-")))
+    if args.with_plain:  # each plugin-format model also unfused: the before/after of the fused path
+        plugin = [name for name, path in paths.items() if "sparsity" in _slicing(path)]
+        paths.update({f"{name}:plain": paths[name] for name in plugin})
     models = {name: load(path, name, dtype, device) for name, path in paths.items()}
     generator = torch.Generator().manual_seed(0)
     results: dict = {"machine": machine, "args": vars(args), "prefill": {}, "decode": None, "memory": None}
     report = [f"machine: {machine}", f"models: { {n: str(p) for n, p in paths.items()} }"]
 
+    # the results are written after each phase: a run stopped by a time limit keeps what it measured
     if not args.no_prefill:
         time_prefills(args, models, shapes, device, generator, options, results, report)
+        write_results(args, device, results)
     if not args.no_decode:
         time_decode(args, models, device, generator, options, results, report)
+        write_results(args, device, results)
     if not args.no_memory:
         measure_memory(args, models, paths, shapes[0], results, report)
 
@@ -594,11 +656,17 @@ def main() -> None:
     print(
         f"\nload average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}"
     )
-    if args.json:
-        out = Path(args.json)
-        existing = json.loads(out.read_text()) if out.is_file() else {}
-        existing[f"{device.type}-{args.dtype}"] = results
-        out.write_text(json.dumps(existing, indent=2) + "\n")
+    write_results(args, device, results)
+
+
+def write_results(args, device: torch.device, results: dict) -> None:
+    """Store ``results`` under ``DEVICE-DTYPE`` in ``--json`` (other machines' entries are kept)."""
+    if not args.json:
+        return
+    out = Path(args.json)
+    existing = json.loads(out.read_text()) if out.is_file() else {}
+    existing[f"{device.type}-{args.dtype}"] = results
+    out.write_text(json.dumps(existing, indent=2) + "\n")
 
 
 if __name__ == "__main__":
