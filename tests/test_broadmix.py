@@ -12,6 +12,7 @@ from tiny_tokenizer import char_tokenizer
 from hf_slicegpt.workflows.broadmix import (
     broad_texts,
     check_broad_mix,
+    mix_broad,
     package_prose,
     structured_text,
     with_broad_mix,
@@ -71,6 +72,9 @@ def test_mix_takes_given_kinds_and_leaves_out_an_empty_one():
     tokenizer = char_tokenizer()
     calib = torch.randint(0, 50, (32, 16))
     mixed = with_broad_mix(tokenizer, calib, fraction=1 / 16, texts={"mine": "abcde " * 200, "none": ""})
+    assert mix_broad(tokenizer, calib, fraction=1 / 16, texts={"mine": "abcde " * 200, "none": ""})[1] == [
+        "mine"
+    ]
     kept = sum(any(torch.equal(row, other) for other in calib) for row in mixed)
     assert mixed.shape == calib.shape and kept == 30
     assert set(tokenizer.decode(mixed[-1])) <= set("abcde ")
@@ -80,7 +84,8 @@ def test_too_few_windows_keep_the_users_text_and_bad_shares_are_named(caplog):
     tokenizer = char_tokenizer()
     calib = torch.randint(0, 50, (3, 16))  # one window per kind would leave 1 of 3 of the user's own
     with caplog.at_level("WARNING", logger="hf_slicegpt.workflows.broadmix"):
-        assert torch.equal(with_broad_mix(tokenizer, calib), calib)
+        mixed, kinds = mix_broad(tokenizer, calib)
+    assert torch.equal(mixed, calib) and kinds == []  # nothing went in, and the caller is told so
     assert "Broad mix skipped: 3 calibration windows" in caplog.text
     for bad in (0.5, -0.1, True, "1/16"):
         with pytest.raises(ValueError, match="broad mix fraction must be in"):

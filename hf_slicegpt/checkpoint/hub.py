@@ -431,6 +431,8 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
             rows.append(
                 ("built-in broad mix", f"{settings['broad_mix']:g} of the windows per kind ({kinds})")
             )
+        elif settings.get("broad_mix_skipped"):
+            rows.append(("built-in broad mix", "skipped: too few calibration windows"))
     elif slicing.get("calibration_sequences"):
         rows.append(("calibration sequences", _fmt(slicing.get("calibration_sequences"))))
     if slicing.get("calibration_tokens"):

@@ -182,15 +182,28 @@ def with_broad_mix(
 
     The kinds are the built-in ones (:func:`broad_texts`) unless ``texts`` names others; an empty kind is
     left out. The number of windows (and so the calibration cost) stays the same. ``fraction=0`` returns
-    the input.
+    the input. :func:`mix_broad` also says which kinds went in.
     """
+    return mix_broad(tokenizer, calibration, fraction=fraction, seed=seed, texts=texts)[0]
+
+
+def mix_broad(
+    tokenizer,
+    calibration: torch.LongTensor,
+    *,
+    fraction: float = BROAD_FRACTION,
+    seed: int = 0,
+    texts: Mapping[str, str] | None = None,
+) -> tuple[torch.LongTensor, list[str]]:
+    """:func:`with_broad_mix`, and the kinds it mixed in: none when ``fraction`` is 0 or the windows are too few
+    (then the calibration is returned unchanged, with a warning), so that a report records what was done."""
     from .data import tokenize_text, windows
 
     check_broad_mix(fraction)
     n, seq_len = calibration.shape
     count = max(1, round(fraction * n)) if fraction > 0 else 0
     if count == 0:
-        return calibration
+        return calibration, []
     kinds = {kind: text for kind, text in (broad_texts() if texts is None else texts).items() if text}
     keep = n - count * len(kinds)
     if keep < n / 2:  # a handful of windows: the mix would replace most of the user's own text
@@ -200,11 +213,11 @@ def with_broad_mix(
             fraction,
             keep,
         )
-        return calibration
+        return calibration, []
     parts = []
     for k, text in enumerate(kinds.values()):
         ids = tokenize_text(tokenizer, text)
         parts.append(windows(ids, seq_len, count, seed + k))
     logger.info("Broad mix: %d of %d windows from %s", n - keep, n, ", ".join(kinds))
     kept = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
-    return torch.cat([calibration[kept], *parts])
+    return torch.cat([calibration[kept], *parts]), list(kinds)

@@ -82,14 +82,27 @@ class SliceResult:
     output: Path
 
 
-def job_settings(job: SliceJob, seq_len: int, device: Any) -> dict[str, Any]:
-    """The job as the report records it: run settings and the slicing config, flat (``sparsity`` at the top)."""
+def job_settings(
+    job: SliceJob, seq_len: int, device: Any, broad_kinds: list[str] | None = None
+) -> dict[str, Any]:
+    """The job as the report records it: run settings and the slicing config, flat (``sparsity`` at the top).
+
+    ``broad_kinds``: the kinds the broad mix really put in (``[]`` when it was skipped for too few windows:
+    ``broad_mix`` then reads 0 and ``broad_mix_skipped`` says why); ``None`` assumes the job's request was met.
+    """
     settings = asdict(job)
     settings.pop("overwrite")
     settings.update(settings.pop("config"))
     settings.update(seq_len=seq_len, device=str(device))
-    if job.broad_mix:
-        settings["broad_mix_kinds"] = list(BROAD_KINDS)
+    kinds = list(BROAD_KINDS) if broad_kinds is None else broad_kinds
+    if job.broad_mix and kinds:
+        settings["broad_mix_kinds"] = kinds
+    elif job.broad_mix:
+        settings["broad_mix"] = 0.0
+        settings["broad_mix_skipped"] = (
+            f"{job.broad_mix:g} of the windows per kind asked for, but the calibration has too few windows "
+            "(the mix would replace half of them or more)"
+        )
     return settings
 
 
@@ -195,7 +208,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
 
     with phase("tokenize"):
-        calibration = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
+        calibration, broad_kinds = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
         eval_ids = None
         if job.eval_data:
             eval_ids = evaluation_tokens(
@@ -265,7 +278,7 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             "dense_nll": dense_ppl.nll,
             "sliced_nll": sliced_ppl.nll,
         }
-    settings = job_settings(job, seq_len, device)
+    settings = job_settings(job, seq_len, device, broad_kinds)
     report = reporting.build_report(
         sliced,
         model=job.model,
@@ -309,13 +322,16 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
 
 
-def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size: int) -> Any:
+def _calibration_windows(
+    job: SliceJob, tokenizer: Any, seq_len: int, vocab_size: int
+) -> tuple[Any, list[str]]:
     """``job``'s calibration windows, the same on both paths: its source and the mixed-in sources, the built-in
-    broad mix, then (with ``swap:F``) a vocabulary-swapped copy of them. Self-generated text needs the dense model and comes later."""
+    broad mix, then (with ``swap:F``) a vocabulary-swapped copy of them; and the broad-mix kinds that went in.
+    Self-generated text needs the dense model and comes later."""
     import torch
 
     from .augment import parse_augment, swap_for_tokenizer
-    from .broadmix import with_broad_mix
+    from .broadmix import mix_broad
     from .data import mixed_calibration_tokens
 
     calibration = mixed_calibration_tokens(
@@ -329,13 +345,12 @@ def _calibration_windows(job: SliceJob, tokenizer: Any, seq_len: int, vocab_size
         split=job.split,
         subset=job.subset,
     )
-    if job.broad_mix:
-        calibration = with_broad_mix(tokenizer, calibration, fraction=job.broad_mix, seed=job.seed)
+    calibration, broad_kinds = mix_broad(tokenizer, calibration, fraction=job.broad_mix, seed=job.seed)
     fraction = parse_augment(job.calibration_augment).swap_fraction
     if fraction:
         swapped = swap_for_tokenizer(calibration, fraction, tokenizer, vocab_size=vocab_size, seed=job.seed)
         calibration = torch.cat([calibration, swapped])
-    return calibration
+    return calibration, broad_kinds
 
 
 def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceResult:
@@ -358,8 +373,8 @@ def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceRes
     config = AutoConfig.from_pretrained(source, trust_remote_code=job.trust_remote_code)
     seq_len = capped_seq_len(job.seq_len, config, "calibration")
     with phase("tokenize"):
-        calibration = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)
-    settings = job_settings(job, seq_len, device)
+        calibration, broad_kinds = _calibration_windows(job, tokenizer, seq_len, config.vocab_size)
+    settings = job_settings(job, seq_len, device, broad_kinds)
     result: dict[str, Any] = {}
 
     def extras(directory: Path, sliced: Any) -> None:
