@@ -142,8 +142,14 @@ def test_in_place_updates_reach_the_fused_matrix_and_replaced_weights_refuse() -
     model.set_fused_inference(True)
     assert _relative(_logits(model, ids, True)[0], _logits(model, ids, False)[0]) < RTOL
 
-    model.to(torch.float64)
-    assert all(not layer._fused for layer in model.model.layers)  # no stale float32 copy is kept
+    model.set_fused_inference(True)
+    model.to(torch.float64)  # fused again at once, in float64; no stale float32 copy is kept
+    entries = [entry for layer in model.model.layers for entry in layer._fused.values()]
+    assert len(entries) == 2 * len(model.model.layers)
+    assert all(entry.weight_t.dtype == torch.float64 for entry in entries)
+    layer = model.model.layers[0]  # the parameters are views of the new matrices
+    attn = layer._fused["attn"].weight_t.untyped_storage().data_ptr()
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == attn
     fused64, plain64 = _logits(model, ids, True), _logits(model, ids, False)
     assert fused64[0].dtype == torch.float64
     assert _relative(fused64[0], plain64[0]) < RTOL  # the norm itself runs in float32 on both paths

@@ -77,7 +77,7 @@ def residual_signals(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Ten
         return hook
 
     if hasattr(model, "set_fused_inference"):
-        # The fused inference path folds the weightless norm into the readers' GEMM and never calls the norm
+        # The fused inference path runs the readers and the shortcut as one GEMM and never calls the norm
         # module that the hooks below watch; the plain path computes the same signals (tests/test_fused_inference).
         model.set_fused_inference(False)
     layers = model.model.layers

@@ -609,7 +609,7 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
 
     def _eager_plain(self, entry: _FusedGroup) -> bool:
         """Whether an eager forward runs ``entry``'s group plain: with ``"auto"``, on a GPU, where the readers'
-        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md, GPU). The
+        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md, "Performance on a GPU"). The
         group stays fused (views, no extra memory) for a later ``torch.compile``, whose trace runs it fused."""
         return self.fused_inference == "auto" and entry.weight_t.device.type != "cpu"
 
@@ -638,8 +638,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         """One GEMM for the readers and the shortcut; hands each reader its output; returns ``x S`` (or None).
 
         The GEMM reads the normed stream, as the readers do, and only the shortcut's columns are scaled back by
-        ``rms(x)``: the elementwise work then spans the shortcut's width, not all the readers' (3 to 7 times
-        wider: the MLP's gate and up), which on a GPU cost more than the fusion saved."""
+        ``rms(x)``: the elementwise work then spans the shortcut's width, not all the readers' (2 to 7 times
+        wider: 2 for the attention, 7 for the MLP's gate and up), which on a GPU cost more than the fusion saved."""
         entry, readers = fused
         normed, inverse = norm.normed_and_inverse(hidden_states)
         product = torch.matmul(normed, entry.weight_t)
@@ -660,9 +660,15 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             module.precomputed = None
 
     def _apply(self, fn, recurse: bool = True):
-        # .to()/.half()/... give the parameters new storage: forget the fused matrix rather than hold it twice.
+        # .to()/.half()/... give the parameters new storage: forget the fused matrices rather than hold them
+        # twice, then fuse the moved parameters again, so that a torch.compile after .to("cuda") still traces
+        # the fused path (a trace never fuses).
+        was_fused = bool(self._fused)
         self._fused.clear()
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        if was_fused:
+            self.fuse()
+        return result
 
     def __getstate__(self):
         state = super().__getstate__().copy()
@@ -961,8 +967,9 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         """Fuse every block's readers and shortcuts now instead of on the first inference forward.
 
         Memory-neutral (the parameters become views of the fused matrices) and invisible to ``state_dict``.
-        Call it before ``torch.compile`` on a model that was not loaded with ``from_pretrained`` (which fuses at
-        load): a trace uses fused groups but never fuses.
+        Call it before ``torch.compile`` on a model built in this process (``from_pretrained`` fuses at load,
+        ``.to()`` fuses again what was fused, and so does an eager inference forward): a trace uses fused groups
+        but never fuses.
         """
         for layer in self.model.layers:
             layer.fuse(read)
@@ -979,7 +986,8 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
         if not isinstance(self, SlicedModelForCausalLM) or directory is None or not directory.is_dir():
             return self  # fused on the first inference forward
         if any(p.device.type != "cpu" for p in self.parameters()):
-            return self
+            with torch.inference_mode(False):  # loaded onto a GPU (device_map): no memory map to spare
+                return self.fuse()
         with SafetensorsReader(directory) as read, torch.inference_mode(False), torch.no_grad():
             self.fuse(read)
         return self
@@ -989,12 +997,14 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
 
         ``"auto"`` (the default) runs it under ``torch.compile`` and eagerly on the CPU, where it was measured to
         pay; an eager forward on a GPU then runs the plain path, whose separate GEMMs give the elementwise work
-        after them contiguous inputs (faster there at every shape measured, BENCHMARKS.md, GPU).
+        after them contiguous inputs (faster there at every shape measured: BENCHMARKS.md, "Performance on a
+        GPU"). The weights stay fused on a GPU too, and are fused again after ``.to()``, so that a compiled
+        model runs fused.
         """
-        if not (isinstance(enabled, bool) or enabled == "auto"):
+        if enabled != "auto" and enabled not in (True, False):  # 1 and 0 pass, as they did
             raise ValueError(f"fused inference must be True, False or 'auto', got {enabled!r}")
         for layer in self.model.layers:
-            layer.fused_inference = enabled
+            layer.fused_inference = enabled if enabled == "auto" else bool(enabled)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
