@@ -192,7 +192,7 @@ SLICE_FLAGS: list[tuple[str, str, Callable[[SliceRun, dict[str, Path]], bool]]] 
     ("--correction-shortcuts", "shared", lambda r, w: r.slicing["correction"]["shortcuts"] is True),
     ("--broad-mix", "variance", lambda r, w: r.report["settings"]["broad_mix"] == 0 and "broad_mix_kinds" not in r.report["settings"] and "broad mix" not in (Path(r.output) / "README.md").read_text()),
     ("--broad-mix", "shared", lambda r, w: r.report["settings"]["broad_mix"] == 0.125 and "0.125 of the windows per kind (code, structured, prose)" in (Path(r.output) / "README.md").read_text()),
-    ("--num-samples", "layer", lambda r, w: r.report["settings"]["broad_mix"] == 0 and "too few windows" in r.report["settings"]["broad_mix_skipped"] and "broad_mix_kinds" not in r.report["settings"] and "skipped: too few calibration windows" in (Path(r.output) / "README.md").read_text()),
+    ("--num-samples", "layer", lambda r, w: r.report["settings"]["broad_mix"] == 0 and "too few windows" in r.report["settings"]["broad_mix_skipped"] and "broad_mix_kinds" not in r.report["settings"] and "skipped (too few calibration windows" in (Path(r.output) / "README.md").read_text()),
     ("--batch-size", "layer", lambda r, w: r.report["settings"]["batch_size"] == 3),
     ("--seed", "layer", lambda r, w: r.report["settings"]["seed"] == 7),
     ("--dtype", "layer", lambda r, w: r.report["settings"]["dtype"] == "float32" and r.config["dtype"] == "float32"),

@@ -432,7 +432,7 @@ def _settings_rows(facts: _Facts) -> list[tuple[str, str]]:
                 ("built-in broad mix", f"{settings['broad_mix']:g} of the windows per kind ({kinds})")
             )
         elif settings.get("broad_mix_skipped"):
-            rows.append(("built-in broad mix", "skipped: too few calibration windows"))
+            rows.append(("built-in broad mix", "skipped (too few calibration windows, or no text)"))
     elif slicing.get("calibration_sequences"):
         rows.append(("calibration sequences", _fmt(slicing.get("calibration_sequences"))))
     if slicing.get("calibration_tokens"):

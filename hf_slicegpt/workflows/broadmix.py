@@ -205,6 +205,9 @@ def mix_broad(
     if count == 0:
         return calibration, []
     kinds = {kind: text for kind, text in (broad_texts() if texts is None else texts).items() if text}
+    if not kinds:
+        logger.warning("Broad mix skipped: no text for any of its kinds")
+        return calibration, []
     keep = n - count * len(kinds)
     if keep < n / 2:  # a handful of windows: the mix would replace most of the user's own text
         logger.warning(

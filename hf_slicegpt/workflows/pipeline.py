@@ -87,8 +87,8 @@ def job_settings(
 ) -> dict[str, Any]:
     """The job as the report records it: run settings and the slicing config, flat (``sparsity`` at the top).
 
-    ``broad_kinds``: the kinds the broad mix really put in (``[]`` when it was skipped for too few windows:
-    ``broad_mix`` then reads 0 and ``broad_mix_skipped`` says why); ``None`` assumes the job's request was met.
+    ``broad_kinds``: the kinds the broad mix really put in (``[]`` when it was skipped: ``broad_mix`` then
+    reads 0 and ``broad_mix_skipped`` says so); ``None`` assumes the job's request was met.
     """
     settings = asdict(job)
     settings.pop("overwrite")
@@ -100,8 +100,8 @@ def job_settings(
     elif job.broad_mix:
         settings["broad_mix"] = 0.0
         settings["broad_mix_skipped"] = (
-            f"{job.broad_mix:g} of the windows per kind asked for, but the calibration has too few windows "
-            "(the mix would replace half of them or more)"
+            f"{job.broad_mix:g} of the windows per kind asked for, but not mixed in: too few windows (it would "
+            "have replaced more than half of them) or no text for any kind; the log says which"
         )
     return settings
 
