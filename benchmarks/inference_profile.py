@@ -4,7 +4,8 @@ Each model is warmed up with one prefill of the full shape first (so that no mod
 page faults inside its profile), then profiled ``--rounds`` times in an order rotated per round; the table gives
 each op's median self-CPU seconds and its call count. Ops are grouped into GEMMs, the attention core and the
 rest (elementwise work, copies), the three things slicing shrinks by different amounts. A plugin checkpoint may
-also be profiled on its plain (unfused) path with ``NAME:plain=DIR``.
+also be profiled forced onto its plain (unfused) path with ``NAME:plain=DIR``, or its fused one with
+``NAME:fused=DIR`` (as loaded it runs ``fused_inference="auto"``: fused on a CPU, plain eagerly on a GPU).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_profile.py dense=DENSE layer-25%=LAYER \\
         native-25%=NATIVE --shape 8x512 --rounds 3
@@ -92,8 +93,8 @@ def profiled_decode(decoder: Decoder, prompt: torch.Tensor) -> dict[str, tuple[i
 def load(spec: str, device: torch.device, dtype: torch.dtype):
     name, _, path = spec.partition("=")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    if name.endswith(":plain"):
-        model.set_fused_inference(False)
+    if name.endswith((":plain", ":fused")):
+        model.set_fused_inference(name.endswith(":fused"))
     return name, model
 
 
@@ -101,7 +102,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("models", nargs="+", help="NAME=DIR (NAME:plain=DIR: a plugin model's unfused path)")
+    parser.add_argument(
+        "models",
+        nargs="+",
+        help="NAME=DIR (NAME:plain=DIR / NAME:fused=DIR: a plugin model forced onto that path)",
+    )
     parser.add_argument("--shape", default="8x512", help="prefill BATCHxSEQ")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", type=int, default=14, help="ops shown (by the first model's time)")

@@ -27,9 +27,10 @@ Protocol:
 Models: ``--dense DIR`` and ``--checkpoints DIR ...`` (sliced checkpoints in the plugin format, or native exports);
 each is labelled by its slicing mode (``layer``, ``global``, ``native``) and sparsity. Without them, the script
 slices SmolLM2 here (``--modes``, ``--sparsities``; 16 x 512 pydocs windows: speed does not depend on them), on
-``--slice-device`` (default: ``--device``). ``--with-plain`` also times each plugin model on its plain (unfused)
-path. ``--random-weights`` draws the dense weights at random for the config and tokenizer in ``--dense``: for a
-machine the real weights cannot reach (``benchmarks/gpu_inference.sh``, the GPU run).
+``--slice-device`` (default: ``--device``). ``--with-plain`` / ``--with-fused`` also time each plugin model forced
+onto its plain or fused path (as loaded it runs ``fused_inference="auto"``). ``--random-weights`` draws the
+dense weights at random for the config and tokenizer in ``--dense``: for a machine the real weights cannot reach
+(``benchmarks/gpu_inference.sh``, the GPU run).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_speed.py --json benchmarks/results/inference_speed_cpu.json
     .venv/bin/python benchmarks/inference_speed.py --device cuda --dtype bfloat16 --shapes 1x512 8x512 64x512 \
@@ -69,7 +70,9 @@ import json, sys, torch, hf_slicegpt
 from transformers import AutoModelForCausalLM
 path, batch, seq_len, threads, dtype, vocab, device = sys.argv[1:8]
 torch.set_num_threads(int(threads))
-model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
+model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+if device != "cpu":  # on the CPU as loaded: .to() would rebuild the fused matrices that loading read from the file
+    model.to(device)
 ids = torch.randint(0, int(vocab), (int(batch), int(seq_len)), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     model(input_ids=ids.to(device), use_cache=True, logits_to_keep=1)
@@ -354,10 +357,11 @@ def table(title: str, rows: dict[str, dict], unit: str) -> str:
 
 
 def load(path: Path, name: str, dtype: torch.dtype, device: torch.device):
-    """``from_pretrained`` as a user runs it; a ``NAME:plain`` plugin model runs its unfused path (before/after)."""
+    """``from_pretrained`` as a user runs it (``fused_inference="auto"``); a ``NAME:plain`` or ``NAME:fused``
+    plugin model is forced onto its plain or fused path."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    if name.endswith(":plain"):
-        model.set_fused_inference(False)
+    if name.endswith((":plain", ":fused")):
+        model.set_fused_inference(name.endswith(":fused"))
     return model
 
 
@@ -395,7 +399,8 @@ def prepare_models(args, work: Path) -> dict[str, Path]:
     _, tokenizer = load_model_and_tokenizer(str(paths["dense"]), dtype="float32")
     if args.random_weights:  # random weights read random tokens: real text would tell them nothing
         generator = torch.Generator().manual_seed(42)
-        calibration = torch.randint(0, len(tokenizer), (16, 512), generator=generator)
+        vocab = AutoConfig.from_pretrained(paths["dense"]).vocab_size
+        calibration = torch.randint(0, vocab, (16, 512), generator=generator)
     else:
         calibration = calibration_tokens(tokenizer, "pydocs", num_samples=16, seq_len=512, seed=42)
     for mode in args.modes:
@@ -510,7 +515,9 @@ def measure_memory(args, models: dict, paths: dict, shape, results: dict, report
     On CPU the peak is the process's RSS (``VmHWM``); on CUDA it is the device's peak allocation, where the
     weights and activations live (the RSS is recorded too)."""
     vocab = models["dense"].config.vocab_size
-    paths = {name: path for name, path in paths.items() if not name.endswith(":plain")}  # same files
+    paths = {
+        name: path for name, path in paths.items() if not name.endswith((":plain", ":fused"))
+    }  # same files
     memory = {name: peak_memory(path, shape, args, vocab) for name, path in paths.items()}
     key = "peak_device_bytes" if args.device.startswith("cuda") else "peak_rss_bytes"
     what = "peak CUDA allocation" if key == "peak_device_bytes" else "peak RSS (VmHWM)"
@@ -597,7 +604,14 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
     parser.add_argument(
         "--with-plain",
         action="store_true",
-        help="time each plugin-format model unfused too (NAME:plain), as --checkpoints NAME:plain=DIR does",
+        help="time each plugin-format model forced onto its plain path too (NAME:plain), as --checkpoints "
+        "NAME:plain=DIR does",
+    )
+    parser.add_argument(
+        "--with-fused",
+        action="store_true",
+        help="time each plugin-format model forced onto its fused path too (NAME:fused; on a CPU that is what "
+        '"auto" runs anyway)',
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
@@ -634,9 +648,9 @@ def main() -> None:
         "load_average_at_start": os.getloadavg(),
     }
     paths = prepare_models(args, Path(tempfile.mkdtemp(dir=args.workdir, prefix="inference-speed-")))
-    if args.with_plain:  # each plugin-format model also unfused: the before/after of the fused path
-        plugin = [name for name, path in paths.items() if "sparsity" in _slicing(path)]
-        paths.update({f"{name}:plain": paths[name] for name in plugin})
+    plugin = [name for name, path in paths.items() if "sparsity" in _slicing(path)]
+    for suffix in [":plain"] * args.with_plain + [":fused"] * args.with_fused:  # each plugin model forced too
+        paths.update({f"{name}{suffix}": paths[name] for name in plugin})
     models = {name: load(path, name, dtype, device) for name, path in paths.items()}
     generator = torch.Generator().manual_seed(0)
     results: dict = {"machine": machine, "args": vars(args), "prefill": {}, "decode": None, "memory": None}
