@@ -634,8 +634,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
 
     def _run_fused(
         self, fused: tuple[_FusedGroup, list[nn.Module]], hidden_states: torch.Tensor, norm: SlicedRMSNorm
-    ) -> torch.Tensor | None:
-        """One GEMM for the readers and the shortcut; hands each reader its output; returns ``x S`` (or None).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One GEMM for the readers and the shortcut; hands each reader its output; returns ``N(x)`` and ``x S``
+        (or None).
 
         The GEMM reads the normed stream, as the readers do, and only the shortcut's columns are scaled back by
         ``rms(x)``: the elementwise work then spans the shortcut's width, not all the readers' (2 to 7 times
@@ -651,8 +652,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             module.precomputed = reads[..., start : start + size]
             start += size
         if entry.weight_t.shape[1] == entry.reader_rows:
-            return None
-        return product[..., entry.reader_rows :].div_(inverse)
+            return normed, None
+        return normed, product[..., entry.reader_rows :].div_(inverse)
 
     @staticmethod
     def _clear(readers: list[nn.Module]) -> None:
@@ -713,12 +714,12 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
                 return residual + attn_output + self.mlp(normed)
         else:
             try:
-                shortcut = self._run_fused(fused, hidden_states, self.input_layernorm)
+                normed, shortcut = self._run_fused(fused, hidden_states, self.input_layernorm)
                 residual = hidden_states if shortcut is None else shortcut
-                # The readers return their precomputed slices; the attention uses its input only for its shape.
-                attn_output = self._attention(hidden_states, **attn_kwargs)
+                # The readers return their precomputed slices (the modules still see their true input).
+                attn_output = self._attention(normed, **attn_kwargs)
                 if self.parallel:
-                    return residual + attn_output + self.mlp(hidden_states)
+                    return residual + attn_output + self.mlp(normed)
             finally:
                 self._clear(fused[1])
         hidden_states = residual + attn_output
@@ -727,9 +728,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
             residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
             return residual + self.mlp(self.post_attention_layernorm(hidden_states))
         try:
-            shortcut = self._run_fused(fused, hidden_states, self.post_attention_layernorm)
+            normed, shortcut = self._run_fused(fused, hidden_states, self.post_attention_layernorm)
             residual = hidden_states if shortcut is None else shortcut
-            return residual + self.mlp(hidden_states)
+            return residual + self.mlp(normed)
         finally:
             self._clear(fused[1])
 
