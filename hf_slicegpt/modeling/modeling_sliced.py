@@ -467,8 +467,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     ``N(x) [W_q; W_k; W_v; S]^T``, whose shortcut columns are then scaled back by ``rms(x)`` (and whose reader
     columns get their bias). The family's modules receive their slices of that product through
     :class:`SlicedReaderLinear`. This saves a GEMM launch and a read of the stream per shortcut. The weights
-    are fused on first use (``from_pretrained`` fuses at load); the checkpoint format and parameter names do not
-    change. ``torch.compile`` traces the fused path of groups fused before it (a trace
+    are fused on first use (``from_pretrained`` fuses at load, ``.to()`` again); the checkpoint format and
+    parameter names do not change. ``torch.compile`` traces the fused path of groups fused before it (a trace
     never fuses). The plain path runs whenever gradients are on, when PEFT or anything else wraps one of these
     linears, when a compiled block was not fused beforehand, or when ``fused_inference`` is ``False``. With
     ``"auto"`` (the default), an eager forward on a GPU fuses the weights but runs the plain path (see
@@ -609,8 +609,9 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
 
     def _eager_plain(self, entry: _FusedGroup) -> bool:
         """Whether an eager forward runs ``entry``'s group plain: with ``"auto"``, on a GPU, where the readers'
-        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md, "Performance on a GPU"). The
-        group stays fused (views, no extra memory) for a later ``torch.compile``, whose trace runs it fused."""
+        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md,
+        "Performance on a GPU"). The group stays fused (views, no extra memory) for a later ``torch.compile``,
+        whose trace runs it fused."""
         return self.fused_inference == "auto" and entry.weight_t.device.type != "cpu"
 
     def _traced_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
