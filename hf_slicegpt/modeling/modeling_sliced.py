@@ -471,8 +471,8 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
     parameter names do not change. ``torch.compile`` traces the fused path of groups fused before it (a trace
     never fuses). The plain path runs whenever gradients are on, when PEFT or anything else wraps one of these
     linears, when a compiled block was not fused beforehand, or when ``fused_inference`` is ``False``. With
-    ``"auto"`` (the default), an eager forward on a GPU fuses the weights but runs the plain path (see
-    :meth:`SlicedModelForCausalLM.set_fused_inference`).
+    ``"auto"`` (the default), an eager forward fuses the weights but runs the plain path; only a compiled
+    forward runs fused (see :meth:`SlicedModelForCausalLM.set_fused_inference`).
     """
 
     def __init__(self, config: SlicedConfig, layer_idx: int):
@@ -608,11 +608,11 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         return None if self._eager_plain(entry) else (entry, readers)
 
     def _eager_plain(self, entry: _FusedGroup) -> bool:
-        """Whether an eager forward runs ``entry``'s group plain: with ``"auto"``, on a GPU, where the readers'
-        separate GEMMs give the elementwise work after them contiguous inputs and win (BENCHMARKS.md,
-        "Performance on a GPU"). The group stays fused (views, no extra memory) for a later ``torch.compile``,
-        whose trace runs it fused."""
-        return self.fused_inference == "auto" and entry.weight_t.device.type != "cpu"
+        """Whether an eager forward runs ``entry``'s group plain: always with ``"auto"``. Eagerly the readers'
+        separate GEMMs, whose outputs the elementwise work after them reads contiguously, won at every shape
+        measured, on the CPU (prefill 1 x 8 to 8 x 512, decode) and on a GPU (BENCHMARKS.md, "Fused or plain").
+        The group stays fused (views, no extra memory) for ``torch.compile``, whose trace runs it fused."""
+        return self.fused_inference == "auto"
 
     def _traced_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
         """Under ``torch.compile``: a group fused before tracing (``from_pretrained``, :meth:`fuse`, or an eager
@@ -997,11 +997,11 @@ class SlicedModelForCausalLM(SlicedPreTrainedModel, GenerationMixin):
     def set_fused_inference(self, enabled: bool | str) -> None:
         """Turn the fused inference path (see :class:`SlicedDecoderLayer`) on or off; both give the same logits.
 
-        ``"auto"`` (the default) runs it under ``torch.compile`` and eagerly on the CPU, where it was measured to
-        pay; an eager forward on a GPU then runs the plain path, whose separate GEMMs give the elementwise work
-        after them contiguous inputs (faster there at every shape measured: BENCHMARKS.md, "Performance on a
-        GPU"). The weights stay fused on a GPU too, and are fused again after ``.to()``, so that a compiled
-        model runs fused.
+        ``"auto"`` (the default) runs it under ``torch.compile`` only: an eager forward runs the plain path,
+        whose separate GEMMs give the elementwise work after them contiguous inputs, and which was faster at
+        every eager shape measured, on the CPU and on a GPU (BENCHMARKS.md, "Fused or plain"). The weights stay
+        fused (views of one matrix, no extra memory), also after ``.to()``, so that a compiled model runs fused:
+        compiled batch-1 decode is where the fused groups win. ``True`` forces the fused path eagerly too.
         """
         if enabled != "auto" and enabled not in (True, False):  # 1 and 0 pass, as they did
             raise ValueError(f"fused inference must be True, False or 'auto', got {enabled!r}")
