@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of BENCHMARKS.md (issue 18) in one run on a lent device machine, bf16:
 #   1. prefill at batch 1, 8 and 64 (x 512), every plugin model as loaded (fused_inference="auto": plain GEMMs
-#      on views of the fused matrix, eagerly on a GPU), forced fused (NAME:fused) and forced plain (NAME:plain);
+#      on views of the fused matrix, eagerly), forced fused (NAME:fused) and forced plain (NAME:plain);
 #   2. a per-op profile (GPU time and the CPU time that launched it) at 64 x 512 and 1 x 512;
 #   3. batch-1 decode with a static cache, torch.compile and CUDA graphs, then the peak CUDA memory.
 #

@@ -5,7 +5,7 @@ page faults inside its profile), then profiled ``--rounds`` times in an order ro
 each op's median self-CPU seconds and its call count. Ops are grouped into GEMMs, the attention core and the
 rest (elementwise work, copies), the three things slicing shrinks by different amounts. A plugin checkpoint may
 also be profiled forced onto its plain (unfused) path with ``NAME:plain=DIR``, or its fused one with
-``NAME:fused=DIR`` (as loaded it runs ``fused_inference="auto"``: fused on a CPU, plain eagerly on a GPU).
+``NAME:fused=DIR`` (as loaded it runs ``fused_inference="auto"``: plain eagerly, fused when compiled).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/inference_profile.py dense=DENSE layer-25%=LAYER \\
         native-25%=NATIVE --shape 8x512 --rounds 3

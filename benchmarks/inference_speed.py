@@ -610,8 +610,8 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
     parser.add_argument(
         "--with-fused",
         action="store_true",
-        help="time each plugin-format model forced onto its fused path too (NAME:fused; on a CPU that is what "
-        '"auto" runs anyway)',
+        help='time each plugin-format model forced onto its fused path too (NAME:fused; eagerly, "auto" '
+        "runs the plain path)",
     )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)

@@ -605,14 +605,11 @@ class SlicedDecoderLayer(GradientCheckpointingLayer):
         if entry is None:
             self._fused.pop(group, None)  # drop a stale matrix before building the new one
             entry = self._fused[group] = self._fuse_group(group, readers, shortcut, read)
-        return None if self._eager_plain(entry) else (entry, readers)
-
-    def _eager_plain(self, entry: _FusedGroup) -> bool:
-        """Whether an eager forward runs ``entry``'s group plain: always with ``"auto"``. Eagerly the readers'
-        separate GEMMs, whose outputs the elementwise work after them reads contiguously, won at every shape
-        measured, on the CPU (prefill 1 x 8 to 8 x 512, decode) and on a GPU (BENCHMARKS.md, "Fused or plain").
-        The group stays fused (views, no extra memory) for ``torch.compile``, whose trace runs it fused."""
-        return self.fused_inference == "auto"
+        # With "auto" an eager forward runs plain: the readers' separate GEMMs, whose outputs the elementwise work
+        # after them reads contiguously, won at every eager shape measured, on the CPU (prefill 1 x 8 to 8 x 512,
+        # decode) and on a GPU (BENCHMARKS.md, "Fused or plain"). The group stays fused (views, no extra memory)
+        # for torch.compile, whose trace runs it fused.
+        return None if self.fused_inference == "auto" else (entry, readers)
 
     def _traced_group(self, group: str) -> tuple[_FusedGroup, list[nn.Module]] | None:
         """Under ``torch.compile``: a group fused before tracing (``from_pretrained``, :meth:`fuse`, or an eager
