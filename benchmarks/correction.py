@@ -21,7 +21,9 @@ Variants (comma-separated ``--variants``):
 - ``mix`` / ``ridge+mix`` / ``ridge-quarter+mix`` / ``default+mix``: the built-in broad mix
   (``hf_slicegpt.workflows.broadmix``) blended into the calibration windows (same number of windows), less
   every document that repeats 13 words of an evaluated text (recorded as ``broad_mix`` in the JSON);
-  ``default+mix-code-structured``: the mix without its ``prose`` kind, as it was until 2026-12-04.
+  ``default+mix-code-structured``: the mix without its ``prose`` kind, as it was until 2026-12-04;
+  ``default+mix+generated`` / ``default+mix-prose+generated``: with text the dense model samples itself
+  (:func:`generated_text`) as a fourth kind, or in place of ``prose`` (measured 2026-12-04, not adopted).
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
 
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness import ood_sources, shares_text_with  # noqa: E402
 
 import hf_slicegpt  # noqa: E402
-from hf_slicegpt.workflows.broadmix import broad_texts, with_broad_mix  # noqa: E402
+from hf_slicegpt.workflows.broadmix import BROAD_KINDS, broad_texts, with_broad_mix  # noqa: E402
 from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens  # noqa: E402
 from hf_slicegpt.workflows.evaluation import perplexity  # noqa: E402
 from hf_slicegpt.workflows.loading import load_model_and_tokenizer  # noqa: E402
@@ -65,6 +67,14 @@ VARIANTS = {
     # the broad mix before its "prose" kind (2026-12-03)
     "default+mix-code-structured": dict(
         correction="ridge", correction_fraction=None, mix=("code", "structured")
+    ),
+    # text the dense model samples itself (generated_text), as a fourth kind / instead of package prose: measured
+    # on 2026-12-04, not adopted
+    "default+mix+generated": dict(
+        correction="ridge", correction_fraction=None, mix=("code", "structured", "prose", "generated")
+    ),
+    "default+mix-prose+generated": dict(
+        correction="ridge", correction_fraction=None, mix=("code", "structured", "generated")
     ),
     "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
@@ -128,6 +138,41 @@ def decontaminated_mix(tokenizer, evals: dict[str, torch.Tensor]) -> tuple[dict[
     record = {"chars": {k: len(v) for k, v in texts.items()}, "documents_left_out": dropped}
     logger.info("broad mix, decontaminated: %s", record)
     return texts, record
+
+
+def _kinds(mix: bool | tuple[str, ...] | None) -> set[str]:
+    """The kinds a variant's ``mix`` names: ``True`` is the library's built-in ones."""
+    if mix is True:
+        return set(BROAD_KINDS)
+    return set(mix or ())
+
+
+def generated_text(dense, tokenizer, evals: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """16 sequences of 560 tokens the dense model samples from its BOS token (seed 0, temperature 1, top-p 0.95,
+    ``generate``'s other defaults), decoded and joined, less any that repeats 13 words of an evaluated text.
+
+    A candidate fourth kind of the broad mix (2026-12-04): ordinary prose every machine has, since the model
+    writes it. Measured, not adopted (BENCHMARKS.md, "Self-generated text as a fourth kind").
+    """
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    bos = torch.full((16, 1), tokenizer.bos_token_id)
+    out = dense.generate(
+        bos,
+        attention_mask=torch.ones_like(bos),
+        do_sample=True,
+        temperature=1.0,
+        top_p=0.95,
+        max_new_tokens=560,
+        min_new_tokens=560,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    documents = tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)
+    overlaps = shares_text_with([tokenizer.decode(ids.flatten()) for ids in evals.values()])
+    kept = [d for d in documents if not overlaps(d)]
+    record = {"documents": len(documents), "kept": len(kept), "seconds": time.perf_counter() - start}
+    logger.info("generated: %s", record)
+    return "\n\n".join(kept), record
 
 
 def main() -> None:
@@ -195,6 +240,8 @@ def main() -> None:
         )
 
     mix_texts, mix_record = decontaminated_mix(tokenizer, evals)
+    if any(_kinds(VARIANTS[v].get("mix")) & {"generated"} for v in args.variants.split(",")):
+        mix_texts["generated"], mix_record["generated"] = generated_text(dense, tokenizer, evals)
 
     def measure(model) -> dict[str, float]:
         return {
@@ -220,7 +267,7 @@ def main() -> None:
             settings = VARIANTS[variant]
             mix, data = settings.get("mix"), calib
             if mix:  # True: every built-in kind; a tuple: those kinds
-                kinds = {k: v for k, v in mix_texts.items() if mix is True or k in mix}
+                kinds = {k: v for k, v in mix_texts.items() if k in _kinds(mix)}
                 data = with_broad_mix(tokenizer, calib, texts=kinds)
             for sparsity in map(float, args.sparsities.split(",")):
                 model = copy.deepcopy(dense)
