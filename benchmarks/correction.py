@@ -152,7 +152,9 @@ def generated_text(dense, tokenizer, evals: dict[str, torch.Tensor]) -> tuple[st
     ``generate``'s other defaults), decoded and joined, less any that repeats 13 words of an evaluated text.
 
     A candidate fourth kind of the broad mix (2026-12-04): ordinary prose every machine has, since the model
-    writes it. Measured, not adopted (BENCHMARKS.md, "Self-generated text as a fourth kind").
+    writes it. Measured, not adopted (BENCHMARKS.md, "Self-generated text as a fourth kind"). Not the library's
+    ``workflows.augment.self_generated_tokens``, which samples without a top-k cut: the published figures were
+    measured with ``generate``'s default top-k, and calling it would change the sampled text.
     """
     start = time.perf_counter()
     torch.manual_seed(0)
