@@ -23,7 +23,13 @@ Variants (comma-separated ``--variants``):
   every document that repeats 13 words of an evaluated text (recorded as ``broad_mix`` in the JSON);
   ``default+mix-code-structured``: the mix without its ``prose`` kind, as it was until 2026-12-04;
   ``default+mix+generated`` / ``default+mix-prose+generated``: with text the dense model samples itself
-  (:func:`generated_text`) as a fourth kind, or in place of ``prose`` (measured 2026-12-04, not adopted).
+  (:func:`generated_text`) as a fourth kind, or in place of ``prose`` (measured 2026-12-04, not adopted);
+  ``default+mix-3/32`` / ``default+mix-1/8``: a larger share of the windows per kind than the library's 1/16
+  (36 / 48 of 128 windows replaced instead of 24; measured 2026-12-05);
+  ``default+mix-weighted``: the library's mix, its windows counted 2.5 times in every covariance (a
+  :class:`~hf_slicegpt.slicing.SlicingHooks` hook, :func:`weigh_last_windows`), so the bases give the mixed
+  kinds the share that ``1/8`` gives them (60 of 164 against 48 of 128) while every pydocs window stays for
+  the correction's fit (written 2026-12-05, not yet measured).
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
 
@@ -50,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from robustness import ood_sources, shares_text_with  # noqa: E402
 
 import hf_slicegpt  # noqa: E402
-from hf_slicegpt.workflows.broadmix import BROAD_KINDS, broad_texts, with_broad_mix  # noqa: E402
+from hf_slicegpt.slicing import Covariance, SlicingHooks  # noqa: E402
+from hf_slicegpt.workflows.broadmix import BROAD_FRACTION, BROAD_KINDS, broad_texts, mix_broad  # noqa: E402
 from hf_slicegpt.workflows.data import calibration_tokens, evaluation_tokens  # noqa: E402
 from hf_slicegpt.workflows.evaluation import perplexity  # noqa: E402
 from hf_slicegpt.workflows.loading import load_model_and_tokenizer  # noqa: E402
@@ -76,6 +83,10 @@ VARIANTS = {
     "default+mix-prose+generated": dict(
         correction="ridge", correction_fraction=None, mix=("code", "structured", "generated")
     ),
+    # a larger share per kind than BROAD_FRACTION (1/16): what more mixed text buys out of domain, and costs in it
+    "default+mix-3/32": dict(correction="ridge", correction_fraction=None, mix=True, mix_fraction=3 / 32),
+    "default+mix-1/8": dict(correction="ridge", correction_fraction=None, mix=True, mix_fraction=1 / 8),
+    "default+mix-weighted": dict(correction="ridge", correction_fraction=None, mix=True, mix_weight=2.5),
     "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
@@ -109,6 +120,31 @@ def fortunes(root: Path) -> str | None:
             text = path.read_text(errors="replace").replace("\n%\n", "\n\n")
             (target / f"{name}.txt").write_text(text)
     return str(target)
+
+
+def weigh_last_windows(first: int, weight: float) -> SlicingHooks:
+    """A covariance hook that counts the calibration windows from index ``first`` on ``weight`` times.
+
+    ``mix_broad`` appends the mixed windows after the kept ones, so this gives the mixed kinds a larger share of
+    what every basis keeps. The correction's normal equations are not weighted: it fits on every window as
+    before. Rows are scaled by ``sqrt(weight)`` and re-summed, so ``X^T W X`` is built with the public
+    :class:`~hf_slicegpt.slicing.Covariance`. One process only (the batches of one rank, in calibration order).
+    """
+    scale = math.sqrt(weight)
+
+    def hook(name: str, cov: Covariance, signals, masks) -> Covariance:
+        if not signals:  # global rotation's dense pass sums as it goes: nothing to re-sum
+            return cov
+        weighted = Covariance(cov.width, device=cov.sum.device, name=cov.name, precision=cov.precision)
+        row = 0
+        for signal, mask in zip(signals, masks):
+            rows = torch.ones(signal.shape[0], dtype=signal.dtype, device=signal.device)
+            rows[max(first - row, 0) :] = scale
+            row += signal.shape[0]
+            weighted.add(signal * rows.view(-1, *[1] * (signal.dim() - 1)), mask)
+        return weighted
+
+    return SlicingHooks(covariance=hook)
 
 
 def dense_forward_seconds(model, calib: torch.LongTensor, batch_size: int) -> float:
@@ -267,10 +303,14 @@ def main() -> None:
     for mode in args.modes.split(","):
         for variant in args.variants.split(","):
             settings = VARIANTS[variant]
-            mix, data = settings.get("mix"), calib
+            mix, data, hooks = settings.get("mix"), calib, None
             if mix:  # True: every built-in kind; a tuple: those kinds
                 kinds = {k: v for k, v in mix_texts.items() if k in _kinds(mix)}
-                data = with_broad_mix(tokenizer, calib, texts=kinds)
+                fraction = settings.get("mix_fraction", BROAD_FRACTION)
+                data, mixed = mix_broad(tokenizer, calib, fraction=fraction, texts=kinds)
+                if "mix_weight" in settings and mixed:  # the mixed windows come last
+                    first = len(calib) - max(1, round(fraction * len(calib))) * len(mixed)
+                    hooks = weigh_last_windows(first, settings["mix_weight"])
             for sparsity in map(float, args.sparsities.split(",")):
                 model = copy.deepcopy(dense)
                 start = time.perf_counter()
@@ -284,6 +324,7 @@ def main() -> None:
                     correction_fraction=settings.get("correction_fraction"),
                     correction_basis=settings.get("correction_basis", "sliced"),
                     correction_shortcuts=settings.get("correction_shortcuts", False),
+                    hooks=hooks,
                     show_progress=False,
                 )
                 seconds = time.perf_counter() - start

@@ -1,0 +1,42 @@
+"""The correction benchmark's research hook (benchmarks/correction.py): weighting the broad mix's windows."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "correction.py"
+_SPEC = importlib.util.spec_from_file_location("correction_benchmark", _PATH)
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+
+def _sliced_logits(calib: torch.Tensor, hooks=None) -> torch.Tensor:
+    from tiny import calibration, make_tiny
+
+    import hf_slicegpt
+
+    torch.manual_seed(0)
+    model = make_tiny("llama")
+    sliced = hf_slicegpt.slice_model(
+        model, calib, 0.25, round_to=4, batch_size=3, correction="none", hooks=hooks, show_progress=False
+    )
+    with torch.no_grad():
+        return sliced(calibration(2, 16, seed=9)).logits
+
+
+def test_weighing_the_last_windows_twice_equals_calibrating_on_them_twice():
+    """Weight 2 on the windows from ``first`` on gives the bases of a calibration that holds them twice (the
+    covariances are the same sums); weight 1 changes nothing. Batches of 3 split the weighted windows unevenly."""
+    from tiny import calibration
+
+    calib = calibration(8, 16, seed=3)
+    first = 5
+    plain = _sliced_logits(calib)
+    assert torch.equal(_sliced_logits(calib, bench.weigh_last_windows(first, 1.0)), plain)
+    twice = _sliced_logits(torch.cat([calib, calib[first:]]))
+    weighted = _sliced_logits(calib, bench.weigh_last_windows(first, 2.0))
+    torch.testing.assert_close(weighted, twice, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(weighted, plain, rtol=1e-3, atol=1e-3)
