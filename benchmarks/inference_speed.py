@@ -112,6 +112,8 @@ def prefill(model, ids: torch.Tensor) -> None:
     model(input_ids=ids, use_cache=True, logits_to_keep=1)
 
 
+# environment variables recorded with the machine: each changes what the kernels or the allocator do
+ENV_RECORDED = ("MALLOC_", "OMP_", "MKL_", "ATEN_CPU_CAPABILITY")
 _ATTENTION_OPS = (
     "_scaled_dot_product_flash_attention_for_cpu",
     "_scaled_dot_product_flash_attention",
@@ -639,6 +641,10 @@ def main() -> None:
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen picked (AVX2, AVX512, ...)
+        # glibc's allocator settings change how often large buffers are page-faulted back in (BENCHMARKS.md)
+        "environment": {key: value for key, value in os.environ.items() if key.startswith(ENV_RECORDED)},
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -671,6 +677,14 @@ def main() -> None:
         f"\nload average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}"
     )
     write_results(args, device, results)
+
+
+def cpu_model() -> str:
+    """The CPU's model name: the same VM image has run on different CPUs, whose kernels time differently."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def write_results(args, device: torch.device, results: dict) -> None:
