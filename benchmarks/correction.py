@@ -29,7 +29,9 @@ Variants (comma-separated ``--variants``):
   ``default+mix-weighted``: the library's mix, its windows counted 2.5 times in every covariance (a
   :class:`~hf_slicegpt.slicing.SlicingHooks` hook, :func:`weigh_last_windows`), so the bases give the mixed
   kinds the share that ``1/8`` gives them (60 of 164 against 48 of 128) while every pydocs window stays for
-  the correction's fit (written 2026-12-05, not yet measured).
+  the correction's fit (measured 2026-12-05, not adopted);
+  ``default+mix-readers``: the library's mix, each basis the PCA of the covariance weighted by what the
+  signal's next readers make of each direction (:func:`reader_weighted`; written 2026-12-05).
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
 
@@ -87,6 +89,7 @@ VARIANTS = {
     "default+mix-3/32": dict(correction="ridge", correction_fraction=None, mix=True, mix_fraction=3 / 32),
     "default+mix-1/8": dict(correction="ridge", correction_fraction=None, mix=True, mix_fraction=1 / 8),
     "default+mix-weighted": dict(correction="ridge", correction_fraction=None, mix=True, mix_weight=2.5),
+    "default+mix-readers": dict(correction="ridge", correction_fraction=None, mix=True, readers=0.5),
     "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
@@ -142,6 +145,44 @@ def weigh_last_windows(first: int, weight: float) -> SlicingHooks:
             rows[max(first - row, 0) :] = scale
             row += signal.shape[0]
             weighted.add(signal * rows.view(-1, *[1] * (signal.dim() - 1)), mask)
+        return weighted
+
+    return SlicingHooks(covariance=hook)
+
+
+def reader_weighted(dense, alpha: float = 0.5) -> SlicingHooks:
+    """A covariance hook that weighs each residual direction by what the signal's next readers make of it.
+
+    The readers of a block's output are the next block's attention inputs (the final norm and the head after
+    the last block); those of the attention output are the same block's MLP inputs. With ``R`` the readers'
+    dense weights stacked, each scaled by its norm's weight, ``G = R^T R / mean(diag(R^T R))`` says how much a
+    unit of error along each direction changes what they read. The basis is then the PCA of
+    ``G_a^(1/2) C G_a^(1/2)`` with ``G_a = (1 - alpha) I + alpha G``: the residual stream also carries the signal
+    past the next readers, so the input variance keeps weight ``1 - alpha``. Llama-style names only (SmolLM2);
+    per-layer rotation only. Written and measured 2026-12-05 (issue 17, "bases chosen by what comes next").
+    """
+    layers = dense.model.layers
+
+    def readers(name: str) -> torch.Tensor:
+        if name == "embeddings" or (name.endswith(" output") and not name.endswith("attention output")):
+            nxt = 0 if name == "embeddings" else int(name.split()[1]) + 1
+            if nxt == len(layers):
+                return dense.lm_head.weight * dense.model.norm.weight
+            attn, norm = layers[nxt].self_attn, layers[nxt].input_layernorm.weight
+            return torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]) * norm
+        layer = layers[int(name.split()[1])]
+        norm = layer.post_attention_layernorm.weight
+        return torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]) * norm
+
+    def hook(name: str, cov: Covariance, signals, masks) -> Covariance:
+        r = readers(name).detach().to(torch.float64)
+        g = r.T @ r
+        g = (1 - alpha) * torch.eye(g.shape[0], dtype=g.dtype) + alpha * g / g.diagonal().mean()
+        values, vectors = torch.linalg.eigh(g)
+        root = (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+        weighted = Covariance(cov.width, device=cov.sum.device, name=cov.name, precision=cov.precision)
+        weighted.sum = (root @ cov.sum.cpu() @ root).to(cov.sum.device)
+        weighted.tokens, weighted.reduced = cov.tokens, cov.reduced
         return weighted
 
     return SlicingHooks(covariance=hook)
@@ -311,6 +352,8 @@ def main() -> None:
                 if "mix_weight" in settings and mixed:  # the mixed windows come last
                     first = len(calib) - max(1, round(fraction * len(calib))) * len(mixed)
                     hooks = weigh_last_windows(first, settings["mix_weight"])
+            if "readers" in settings:
+                hooks = reader_weighted(dense, settings["readers"])
             for sparsity in map(float, args.sparsities.split(",")):
                 model = copy.deepcopy(dense)
                 start = time.perf_counter()
