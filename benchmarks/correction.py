@@ -31,7 +31,8 @@ Variants (comma-separated ``--variants``):
   kinds the share that ``1/8`` gives them (60 of 164 against 48 of 128) while every pydocs window stays for
   the correction's fit (measured 2026-12-05, not adopted);
   ``default+mix-readers``: the library's mix, each basis the PCA of the covariance weighted by what the
-  signal's next readers make of each direction (:func:`reader_weighted`; written 2026-12-05).
+  signal's next readers make of each direction (:func:`reader_weighted`; measured 2026-12-05 at 0.5 and
+  ``default+mix-readers-0.1`` at 0.1, not adopted: in-domain 2.06x and 2.51x).
 
 Slicing time is reported against one dense forward over the same calibration tokens, measured in the same run.
 
@@ -90,6 +91,7 @@ VARIANTS = {
     "default+mix-1/8": dict(correction="ridge", correction_fraction=None, mix=True, mix_fraction=1 / 8),
     "default+mix-weighted": dict(correction="ridge", correction_fraction=None, mix=True, mix_weight=2.5),
     "default+mix-readers": dict(correction="ridge", correction_fraction=None, mix=True, readers=0.5),
+    "default+mix-readers-0.1": dict(correction="ridge", correction_fraction=None, mix=True, readers=0.1),
     "default-dense": dict(correction="ridge", correction_fraction=None, correction_basis="dense"),
     "ridge-eighth": dict(correction="ridge", correction_fraction=0.125),
     "ridge-quarter-dense": dict(correction="ridge", correction_fraction=0.25, correction_basis="dense"),
