@@ -14,6 +14,8 @@ Protocol:
 - per model: the median time and its spread (min-max and IQR); per sliced model: the speed-up of the medians,
   the median of the per-round paired speed-ups (dense time / sliced time in the same round) with their min-max,
   the speed-up of the best runs (noise only adds time), and the realised share of each;
+- glibc's allocator is told to keep freed buffers (``--allocator steady``, the default; :func:`steady_allocator`):
+  otherwise some rounds page-fault a forward's large buffers back in and others do not;
 - prefill: ``batch x seq_len`` tokens in one forward with the KV cache on and logits for the last position, as
   ``generate`` runs it (``--shapes``, default 8x512 1x1024 8x256);
 - decode: batch 1, a static KV cache and ``torch.compile`` for dense and sliced alike, greedy tokens/s after a
@@ -42,11 +44,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import ctypes
 import json
 import logging
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -294,21 +298,25 @@ def realised(speedup: float, ideal: float) -> float:
 def round_robin(models: dict, run, repeats: int) -> dict[str, dict[str, list[float]]]:
     """``repeats`` rounds of ``run(name, model)``, every model once per round, in an order rotated each round.
 
-    Returns wall-clock and process CPU seconds per model. With one pinned thread, CPU time is the work the
-    process did, which a machine shared with other jobs inflates far less than wall time (it still feels the
-    caches and memory bandwidth that other jobs take).
+    Returns wall-clock and process CPU seconds per model, and the minor page faults of each run
+    (``"faults"``: a run that faults its buffers back in is slower for it, see :func:`steady_allocator`).
+    With one pinned thread, CPU time is the work the process did, which a machine shared with other jobs
+    inflates far less than wall time (it still feels the caches and memory bandwidth that other jobs take).
     """
     names = list(models)
-    times: dict[str, dict[str, list[float]]] = {"wall": {n: [] for n in names}, "cpu": {n: [] for n in names}}
+    times: dict[str, dict[str, list[float]]] = {k: {n: [] for n in names} for k in ("wall", "cpu", "faults")}
     for rep in range(-1, repeats):  # round -1 warms up (and compiles)
         order = names[rep % len(names) :] + names[: rep % len(names)] if rep >= 0 else names
         for name in order:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall, cpu = time.perf_counter(), time.process_time()
             run(name, models[name])
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             if rep >= 0:
                 times["wall"][name].append(wall)
                 times["cpu"][name].append(cpu)
+                times["faults"][name].append(faults)
         if rep >= 0:
             logger.info("round %d wall: %s", rep, {n: round(t[-1], 3) for n, t in times["wall"].items()})
     return times
@@ -463,7 +471,11 @@ def time_prefills(
             sync(device)
 
         times = round_robin(runners, run, args.repeats)
-        results["prefill"][f"{batch}x{seq_len}"] = {}
+        results["prefill"][f"{batch}x{seq_len}"] = {"minor_faults": times["faults"]}
+        print(
+            f"minor page faults per run: { {n: max(f) for n, f in times['faults'].items()} } (max)",
+            flush=True,
+        )
         for clock in ("wall", "cpu"):
             rows = summarise(times[clock], work, batch * seq_len)
             results["prefill"][f"{batch}x{seq_len}"][clock] = rows
@@ -615,6 +627,15 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
         help='time each plugin-format model forced onto its fused path too (NAME:fused; eagerly, "auto" '
         "runs the plain path)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["steady", "default"],
+        default="steady",
+        help="steady (default): glibc keeps freed buffers in its heap (mallopt, as MALLOC_MMAP_THRESHOLD_ and "
+        "MALLOC_TRIM_THRESHOLD_ would), so a forward's large buffers are not page-faulted back in on some "
+        "rounds and not others; default: leave the allocator as the environment set it. Timings only: the "
+        "peak-memory children always run the default allocator",
+    )
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
@@ -631,6 +652,7 @@ def parse_args() -> tuple[argparse.Namespace, dict[str, object]]:
 
 def main() -> None:
     args, options = parse_args()
+    allocator = steady_allocator() if args.allocator == "steady" else {}
     set_inductor(options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -645,6 +667,7 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels ATen picked (AVX2, AVX512, ...)
         # glibc's allocator settings change how often large buffers are page-faulted back in (BENCHMARKS.md)
         "environment": {key: value for key, value in os.environ.items() if key.startswith(ENV_RECORDED)},
+        "allocator": {"mode": args.allocator, "mallopt": allocator},
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -677,6 +700,36 @@ def main() -> None:
         f"\nload average at start {machine['load_average_at_start']}, at end {machine['load_average_at_end']}"
     )
     write_results(args, device, results)
+
+
+# glibc's mallopt parameters: M_TRIM_THRESHOLD, M_MMAP_THRESHOLD (malloc.h)
+_MALLOPT = {"M_TRIM_THRESHOLD": -1, "M_MMAP_THRESHOLD": -3}
+_STEADY_BYTES = 2**31 - 1  # the largest value mallopt's int takes: every buffer of these models is smaller
+
+
+def steady_allocator(libc: object | None = None) -> dict[str, int]:
+    """Keep freed buffers in glibc's heap, so repeated forwards reuse memory instead of faulting it back in.
+
+    glibc serves buffers above its mmap threshold (at most 32 MiB when it adapts) by ``mmap`` and unmaps them on
+    free, and trims the heap's top: on the Intel VM a forward took 0 to 440k minor page faults, round by round,
+    which was the spread of the timings (BENCHMARKS.md). Returns the settings applied (``{}`` where the C library
+    has no ``mallopt``, e.g. musl or macOS: nothing changes there). Raises ``RuntimeError`` if glibc refuses one.
+    """
+    if libc is None:
+        if platform.libc_ver()[0] != "glibc":
+            return {}
+        libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return {}
+    applied = {}
+    for name, param in _MALLOPT.items():
+        if mallopt(param, _STEADY_BYTES) != 1:
+            raise RuntimeError(
+                f"glibc refused mallopt({name}, {_STEADY_BYTES}); rerun with --allocator default"
+            )
+        applied[name] = _STEADY_BYTES
+    return applied
 
 
 def cpu_model() -> str:

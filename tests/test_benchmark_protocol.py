@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,55 @@ def test_agreement_counts_tokens_up_to_the_first_difference():
 
     decoder.step = shifted
     assert decoder.agreement(prompt) == 1
+
+
+class _FakeLibc:
+    def __init__(self, answer: int) -> None:
+        self.answer, self.calls = answer, []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.answer
+
+
+def test_steady_allocator_sets_both_thresholds():
+    libc = _FakeLibc(answer=1)
+    applied = bench.steady_allocator(libc)
+    assert sorted(libc.calls) == [(-3, 2**31 - 1), (-1, 2**31 - 1)]
+    assert applied == {"M_TRIM_THRESHOLD": 2**31 - 1, "M_MMAP_THRESHOLD": 2**31 - 1}
+
+
+def test_steady_allocator_refusal_names_the_way_out():
+    with pytest.raises(RuntimeError, match="mallopt.*--allocator default"):
+        bench.steady_allocator(_FakeLibc(answer=0))
+    assert bench.steady_allocator(object()) == {}  # a C library without mallopt: nothing to set
+
+
+_FAULTS_CHILD = """
+import importlib.util, resource, sys, torch
+spec = importlib.util.spec_from_file_location("inference_speed", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        buffer = torch.ones(16 * 2**20)  # 64 MiB: above glibc's largest adaptive mmap threshold
+        del buffer
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+default = faults()
+assert bench.steady_allocator()
+faults()  # the first use after the switch grows the heap once
+print(default, faults())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_steady_allocator_stops_page_faults_on_repeated_buffers():
+    """The default allocator faults a 64 MiB buffer back in on every use (16k pages); steady reuses it."""
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_CHILD, str(_PATH)], capture_output=True, text=True, check=True
+    )
+    default, steady = (int(n) for n in out.stdout.split()[-2:])
+    assert default > 10 * 16_000
+    assert steady < 2_000
