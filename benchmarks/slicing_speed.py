@@ -67,6 +67,11 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # the allocator's and kernels' settings: glibc's thresholds alone moved the dense forward by 8% (BENCHMARKS.md)
+        "environment": {
+            k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "OMP_", "MKL_", "ATEN_"))
+        },
         "load_average_at_start": os.getloadavg(),
     }
     if torch.cuda.is_available():
