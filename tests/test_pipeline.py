@@ -42,6 +42,29 @@ def test_run_slice_refuses_native_export_without_global_rotation_before_loading(
     assert not (tmp_path / "out").exists()
 
 
+def test_run_slice_settles_native_widths_on_a_copy_and_records_them(tmp_path: Path) -> None:
+    """With 16 heads the default round_to (8) becomes lcm(8, 16) = 16 for the export; the caller's job is kept."""
+    dense = save_tiny_checkpoint(
+        tmp_path / "dense", hidden_size=64, num_attention_heads=16, num_key_value_heads=4
+    )
+    config = SlicingConfig(sparsity=0.25, rotation="global")
+    job = SliceJob(
+        str(dense),
+        str(tmp_path / "out"),
+        config,
+        calibration="pydocs",
+        num_samples=8,
+        seq_len=32,
+        export="native",
+    )
+    result = run_slice(job, show_progress=False)
+    assert job.config is config and job.config.round_to == 8
+    report = json.loads((result.output / "slicing_report.json").read_text())
+    assert report["settings"]["round_to"] == 16 and report["export"]["format"] == "native"
+    native = AutoModelForCausalLM.from_pretrained(result.output)
+    assert type(native).__name__ == "LlamaForCausalLM" and native.config.hidden_size == 48
+
+
 def _readme_python() -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Python") :]

@@ -122,24 +122,13 @@ def _timer() -> tuple[dict[str, float], Any]:
     return seconds, _Phase
 
 
-def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
-    """Load, (evaluate,) slice, (evaluate,) and save atomically to ``job.output`` with ``slicing_report.json``.
+def _check_job(job: SliceJob) -> Any:
+    """The checks that need no model: output directory, broad mix, augmentation, export and path options.
 
-    Cheap checks (sparsity, output directory, text sources) run before the model is loaded, so a typo fails
-    in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
-    appears in one rename: a failed run leaves no directory behind.
+    Returns the parsed ``--calibration-augment``.
     """
-    import torch
-
-    from ..checkpoint import report as reporting
-    from ..checkpoint.io import check_output_dir, write_checkpoint
-    from ..checkpoint.validation import validate_checkpoint
-    from ..runtime import distributed
-    from ..runtime.streaming import staging_dir
-    from .augment import parse_augment, self_generated_tokens
-    from .data import evaluation_tokens, load_text, mix_counts
-    from .evaluation import perplexity
-    from .loading import load_model_and_tokenizer
+    from ..checkpoint.io import check_output_dir
+    from .augment import parse_augment
 
     check_output_dir(job.output, job.overwrite, inputs=[job.model, job.calibration])
     check_broad_mix(job.broad_mix)
@@ -156,148 +145,121 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
             "--low-memory cannot be combined with --calibration-augment self:N (it samples from the whole dense "
             "model) or --export native"
         )
-    # Under torchrun / accelerate launch: join the group; each rank calibrates on its share, rank 0 writes.
-    if distributed.init_from_environment(job.device) and job.device is None:
-        device = str(distributed.local_device())
-    else:
-        device = resolve_device(job.device)
-    if job.low_memory:
-        return _run_low_memory(job, device, show_progress)
-    resumable = {}
-    if job.checkpoint_every or job.resume:
-        resumable = dict(
-            checkpoint_dir=staging_dir(job.output), checkpoint_every=job.checkpoint_every, resume=job.resume
-        )
-    seconds, phase = _timer()
-    start = time.perf_counter()
+    return augment
 
-    with phase("check_data"):  # fail fast on a bad source; the text is cached by `datasets` for reuse
-        mix_counts(job.num_samples, job.calibration_mix)
+
+def _job_device(job: SliceJob) -> str:
+    """Under torchrun / accelerate launch: join the group (each rank calibrates on its share, rank 0 writes)."""
+    from ..runtime import distributed
+
+    if distributed.init_from_environment(job.device) and job.device is None:
+        return str(distributed.local_device())
+    return resolve_device(job.device)
+
+
+def _check_sources(job: SliceJob) -> None:
+    """Fail fast on a bad text source, before the model is loaded; ``datasets`` caches the text for reuse."""
+    from .data import load_text, mix_counts
+
+    mix_counts(job.num_samples, job.calibration_mix)
+    load_text(
+        job.calibration,
+        purpose="calibration",
+        text_column=job.text_column,
+        split=job.split,
+        subset=job.subset,
+    )
+    for source, _ in job.calibration_mix:
+        load_text(source, purpose="calibration")
+    if job.eval_data:
         load_text(
-            job.calibration,
-            purpose="calibration",
+            job.eval_data,
+            purpose="evaluation",
             text_column=job.text_column,
-            split=job.split,
+            split=job.eval_split,
             subset=job.subset,
         )
-        for source, _ in job.calibration_mix:
-            load_text(source, purpose="calibration")
-        if job.eval_data:
-            load_text(
-                job.eval_data,
-                purpose="evaluation",
-                text_column=job.text_column,
-                split=job.eval_split,
-                subset=job.subset,
-            )
 
-    with phase("load"):
-        model, tokenizer = load_model_and_tokenizer(
-            job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code
-        )
-        if tokenizer is None:
-            from ..checkpoint.validation import missing_tokenizer_error
 
-            raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
-    if job.export == "native":  # widths the family and llama.cpp can run, before any slicing
+def _load_dense(job: SliceJob) -> tuple[Any, Any, SliceJob]:
+    """The dense model and its tokenizer, and the job with ``--export native``'s widths settled.
+
+    The caller's job is not changed: a native export gets a copy whose ``round_to`` the family and llama.cpp can
+    run (the default 8 becomes ``lcm(8, heads)``; any other is checked, and refused with the fix).
+    """
+    from .loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        job.model, dtype=job.dtype, trust_remote_code=job.trust_remote_code
+    )
+    if tokenizer is None:
+        from ..checkpoint.validation import missing_tokenizer_error
+
+        raise missing_tokenizer_error(job.model, "slicing (to read the calibration text)")
+    if job.export == "native":  # before any slicing
         from ..checkpoint.export import native_round_to
 
-        # The default round_to (8) becomes lcm(8, heads); any other is checked, and refused with the fix.
         asked = None if job.config.round_to == 8 else job.config.round_to
-        job.config = replace(job.config, round_to=native_round_to(model.config, job.config.sparsity, asked))
-    seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
+        round_to = native_round_to(model.config, job.config.sparsity, asked)
+        job = replace(job, config=replace(job.config, round_to=round_to))
+    return model, tokenizer, job
 
-    with phase("tokenize"):
-        calibration, broad_kinds = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
-        eval_ids = None
-        if job.eval_data:
-            eval_ids = evaluation_tokens(
-                tokenizer,
-                job.eval_data,
-                seq_len=seq_len,
-                max_tokens=job.eval_max_tokens,
-                text_column=job.text_column,
-                split=job.eval_split,
-                subset=job.subset,
-            )
 
-    if eval_ids is not None:
-        # evaluation needs the whole model there; slicing alone visits it one layer at a time
-        model.to(device)
-    dense_parameters = reporting.count_parameters(model)
-    dense_ppl = sliced_ppl = None
-    if eval_ids is not None:
-        with phase("dense_eval"):  # before slicing: slice_model consumes the dense model
-            logger.info("Perplexity of the dense model on %s", job.eval_data)
-            dense_ppl = perplexity(
-                model, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
-            )
+def _evaluation_ids(job: SliceJob, tokenizer: Any, seq_len: int) -> Any:
+    """The ``--eval-data`` windows, or ``None``."""
+    if not job.eval_data:
+        return None
+    from .data import evaluation_tokens
 
-    if augment.self_samples:
-        with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
-            extra = self_generated_tokens(
-                model,
-                tokenizer,
-                augment.self_samples,
-                seq_len,
-                seed=job.seed,
-                batch_size=job.batch_size,
-                show_progress=show_progress,
-            )
-            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
-
-    with phase("slicing"):
-        sliced = slice_model(
-            model,
-            calibration,
-            job.config,
-            batch_size=job.batch_size,
-            device=device,
-            show_progress=show_progress,
-            offload=job.offload,
-            **resumable,
-        )
-        del model
-
-    if eval_ids is not None:
-        with phase("sliced_eval"):
-            logger.info("Perplexity of the sliced model on %s", job.eval_data)
-            sliced_ppl = perplexity(
-                sliced, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
-            )
-    seconds["total"] = time.perf_counter() - start
-
-    measured = None
-    if dense_ppl is not None and sliced_ppl is not None:
-        measured = {
-            "data": job.eval_data,
-            "seq_len": sliced_ppl.seq_len,
-            "tokens": sliced_ppl.tokens,
-            "dense": dense_ppl.perplexity,
-            "sliced": sliced_ppl.perplexity,
-            "dense_nll": dense_ppl.nll,
-            "sliced_nll": sliced_ppl.nll,
-        }
-    settings = job_settings(job, seq_len, device, broad_kinds)
-    report = reporting.build_report(
-        sliced,
-        model=job.model,
-        settings=settings,
-        dense_parameters=dense_parameters,
-        seconds=seconds,
-        perplexity=measured,
+    return evaluation_tokens(
+        tokenizer,
+        job.eval_data,
+        seq_len=seq_len,
+        max_tokens=job.eval_max_tokens,
+        text_column=job.text_column,
+        split=job.eval_split,
+        subset=job.subset,
     )
 
-    native = None
-    if job.export == "native":
-        from ..checkpoint.export import to_native
 
-        native = to_native(sliced)  # before anything is written: a refusal must leave no directory
-        report["export"] = {
-            "format": "native",
-            "architecture": type(native).__name__,
-            "parameters": reporting.count_parameters(native),
-        }
+def _measured(job: SliceJob, dense_ppl: Any, sliced_ppl: Any) -> dict[str, Any] | None:
+    """The report's ``perplexity`` entry: dense and sliced on the same windows."""
+    if dense_ppl is None or sliced_ppl is None:
+        return None
+    return {
+        "data": job.eval_data,
+        "seq_len": sliced_ppl.seq_len,
+        "tokens": sliced_ppl.tokens,
+        "dense": dense_ppl.perplexity,
+        "sliced": sliced_ppl.perplexity,
+        "dense_nll": dense_ppl.nll,
+        "sliced_nll": sliced_ppl.nll,
+    }
+
+
+def _native_export(job: SliceJob, sliced: Any, report: dict[str, Any]) -> Any:
+    """``--export native``: the family's own model, converted before anything is written (a refusal must leave
+    no directory), and recorded in the report; ``None`` for the plugin format."""
+    if job.export != "native":
+        return None
+    from ..checkpoint import report as reporting
+    from ..checkpoint.export import to_native
+
+    native = to_native(sliced)
+    report["export"] = {
+        "format": "native",
+        "architecture": type(native).__name__,
+        "parameters": reporting.count_parameters(native),
+    }
+    return native
+
+
+def _save(job: SliceJob, sliced: Any, native: Any, tokenizer: Any, report: dict[str, Any]) -> Path:
+    """Write the checkpoint atomically (rank 0 only): weights, tokenizer, report, plots, card, validation."""
+    from ..checkpoint import report as reporting
+    from ..checkpoint.io import write_checkpoint
+    from ..checkpoint.validation import validate_checkpoint
+    from ..runtime import distributed
 
     def write(directory: Path) -> None:
         (native if native is not None else sliced).save_pretrained(directory)
@@ -316,8 +278,90 @@ def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
     output = Path(job.output)
     if distributed.is_main_process():
         output = write_checkpoint(job.output, write, overwrite=job.overwrite)
-        if resumable:  # the result is safely written: the partial state has served its purpose
-            shutil.rmtree(resumable["checkpoint_dir"], ignore_errors=True)
+    return output
+
+
+def _resumable(job: SliceJob) -> dict[str, Any]:
+    """``slice_model``'s arguments for a resumable run (``--checkpoint-every`` / ``--resume``), or none."""
+    if not (job.checkpoint_every or job.resume):
+        return {}
+    from ..runtime.streaming import staging_dir
+
+    return dict(
+        checkpoint_dir=staging_dir(job.output), checkpoint_every=job.checkpoint_every, resume=job.resume
+    )
+
+
+def run_slice(job: SliceJob, *, show_progress: bool = True) -> SliceResult:
+    """Load, (evaluate,) slice, (evaluate,) and save atomically to ``job.output`` with ``slicing_report.json``.
+
+    Cheap checks (sparsity, output directory, text sources) run before the model is loaded, so a typo fails
+    in a second, not after minutes of loading. Nothing is written until slicing succeeded, and the checkpoint
+    appears in one rename: a failed run leaves no directory behind.
+    """
+    import torch
+
+    from ..checkpoint import report as reporting
+    from ..runtime import distributed
+    from .augment import self_generated_tokens
+    from .evaluation import perplexity
+
+    augment = _check_job(job)
+    device = _job_device(job)
+    if job.low_memory:
+        return _run_low_memory(job, device, show_progress)
+    resumable = _resumable(job)
+    seconds, phase = _timer()
+    start = time.perf_counter()
+    with phase("check_data"):
+        _check_sources(job)
+    with phase("load"):
+        model, tokenizer, job = _load_dense(job)
+    seq_len = capped_seq_len(job.seq_len, model.config, "calibration")
+    with phase("tokenize"):
+        calibration, broad_kinds = _calibration_windows(job, tokenizer, seq_len, model.config.vocab_size)
+        eval_ids = _evaluation_ids(job, tokenizer, seq_len)
+    dense_parameters = reporting.count_parameters(model)
+    dense_ppl = sliced_ppl = None
+    if eval_ids is not None:
+        model.to(device)  # evaluation needs the whole model there; slicing alone visits it a layer at a time
+        with phase("dense_eval"):  # before slicing: slice_model consumes the dense model
+            logger.info("Perplexity of the dense model on %s", job.eval_data)
+            dense_ppl = perplexity(
+                model, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
+    if augment.self_samples:
+        with phase("augment"):  # sampled from the dense model, so before slice_model consumes it
+            extra = self_generated_tokens(
+                model, tokenizer, augment.self_samples, seq_len,
+                seed=job.seed, batch_size=job.batch_size, show_progress=show_progress,
+            )  # fmt: skip
+            calibration = torch.cat([calibration, extra.to(calibration.dtype)])
+    with phase("slicing"):
+        sliced = slice_model(
+            model, calibration, job.config, batch_size=job.batch_size, device=device,
+            show_progress=show_progress, offload=job.offload, **resumable,
+        )  # fmt: skip
+        del model
+    if eval_ids is not None:
+        with phase("sliced_eval"):
+            logger.info("Perplexity of the sliced model on %s", job.eval_data)
+            sliced_ppl = perplexity(
+                sliced, eval_ids, batch_size=job.eval_batch_size, show_progress=show_progress
+            )
+    seconds["total"] = time.perf_counter() - start
+    report = reporting.build_report(
+        sliced,
+        model=job.model,
+        settings=job_settings(job, seq_len, device, broad_kinds),
+        dense_parameters=dense_parameters,
+        seconds=seconds,
+        perplexity=_measured(job, dense_ppl, sliced_ppl),
+    )
+    native = _native_export(job, sliced, report)
+    output = _save(job, sliced, native, tokenizer, report)
+    if resumable and distributed.is_main_process():  # the result is safely written: the partial state is done
+        shutil.rmtree(resumable["checkpoint_dir"], ignore_errors=True)
     distributed.barrier()
     return SliceResult(model=sliced, tokenizer=tokenizer, report=report, output=output)
 
