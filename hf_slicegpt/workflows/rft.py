@@ -355,10 +355,48 @@ def rft(
         :class:`RFTResult` with the merged model (or the ``PeftModel``) and the report, also written to
         ``output_dir/rft_report.json``.
     """
-    from ..checkpoint.io import check_output_dir, write_checkpoint
-    from .data import calibration_tokens, evaluation_tokens, load_text
-
     config = config or RFTConfig()
+    model, tokenizer, source = _resolve_model(model, tokenizer)
+    # Everything cheap is checked before the first training step.
+    base_ref = _check_request(
+        model, tokenizer, config, train_data, eval_data, output_dir, overwrite, base_model_path, source
+    )
+    targets = _targets(model, config)
+    read = {"text_column": text_column, "split": split, "subset": subset}
+    train_ids = _train_windows(model, tokenizer, config, train_data, read)
+    eval_source = (
+        eval_data if eval_data is not None else (train_data if isinstance(train_data, str) else None)
+    )
+    eval_ids = None
+    if evaluate:
+        eval_ids = _eval_windows(model, tokenizer, config, eval_source, read, own_split=eval_data is None)
+    checkpoint_dir, last = _checkpoints(checkpoint_dir, output_dir, resume, overwrite)
+    run = _Run(
+        model=model,
+        tokenizer=tokenizer,
+        config=config,
+        targets=targets,
+        train_ids=train_ids,
+        eval_ids=eval_ids,
+        output_dir=output_dir,
+        checkpoint_dir=checkpoint_dir,
+        resume_from=last,
+        keep_checkpoints=keep_checkpoints,
+        overwrite=overwrite,
+        base_ref=base_ref,
+        source=source,
+        data={
+            "train": train_data if isinstance(train_data, str) else "<token windows>",
+            "eval": eval_source if isinstance(eval_source, str) or eval_source is None else "<token windows>",
+        },
+        callbacks=callbacks,
+        show_progress=show_progress,
+    )
+    return _train(run)
+
+
+def _resolve_model(model: Any, tokenizer: Any) -> tuple[PreTrainedModel, Any, str]:
+    """The model (loaded when a path is given, with its tokenizer unless one is passed) and its name."""
     source = None
     if isinstance(model, (str, os.PathLike)):
         from .loading import load_model_and_tokenizer
@@ -370,9 +408,23 @@ def rft(
         raise RFTError(
             f"model must be a transformers PreTrainedModel or a checkpoint path, got {type(model).__name__}"
         )
-    source = source or getattr(model, "name_or_path", "") or type(model).__name__
+    return model, tokenizer, source or getattr(model, "name_or_path", "") or type(model).__name__
 
-    # Everything cheap is checked before the first training step.
+
+def _check_request(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    config: RFTConfig,
+    train_data: Any,
+    eval_data: Any,
+    output_dir: str | os.PathLike | None,
+    overwrite: bool,
+    base_model_path: str | os.PathLike | None,
+    source: str,
+) -> str | None:
+    """The checks that need no data or training; returns where an adapter's base model is found."""
+    from ..checkpoint.io import check_output_dir
+
     if output_dir is not None:
         check_output_dir(output_dir, overwrite, inputs=[source, base_model_path, train_data, eval_data])
     base_ref = _base_model_ref(model, base_model_path)
@@ -387,48 +439,71 @@ def rft(
             raise RFTError("a data source name must not be empty")
     if (isinstance(train_data, str) or isinstance(eval_data, str)) and tokenizer is None:
         raise RFTError("reading a text source needs the model's tokenizer; pass tokenizer=")
+    return base_ref
+
+
+def _targets(model: PreTrainedModel, config: RFTConfig) -> list[str] | str:
+    """The LoRA targets: the configured ones (plus the shortcuts on request), or the model type's defaults."""
     targets = config.target_modules or default_target_modules(model, shortcuts=config.target_shortcuts)
     if config.target_modules and config.target_shortcuts and isinstance(targets, list):
         targets = targets + [n for n in SHORTCUT_LINEARS if n not in targets]
+    return targets
 
-    vocab = getattr(model.config, "vocab_size", None)
-    if isinstance(train_data, str):
-        train_ids = calibration_tokens(
-            tokenizer,
-            train_data,
-            num_samples=config.num_samples,
-            seq_len=config.seq_len,
-            seed=config.seed,
-            text_column=text_column,
-            split=split,
-            subset=subset,
-        )
-    else:
-        train_ids = _check_windows(train_data, "train_data", vocab)
-    eval_source = (
-        eval_data if eval_data is not None else (train_data if isinstance(train_data, str) else None)
+
+def _train_windows(
+    model: PreTrainedModel, tokenizer: Any, config: RFTConfig, train_data: Any, read: dict[str, Any]
+) -> torch.LongTensor:
+    """Training windows: drawn from a source's training part, or the given token windows, checked."""
+    if not isinstance(train_data, str):
+        return _check_windows(train_data, "train_data", getattr(model.config, "vocab_size", None))
+    from .data import calibration_tokens
+
+    return calibration_tokens(
+        tokenizer,
+        train_data,
+        num_samples=config.num_samples,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        **read,
     )
-    eval_ids = None
-    if evaluate and eval_source is not None:
-        if isinstance(eval_source, str):
-            eval_split = split if eval_data is None else None
-            load_text(
-                eval_source, purpose="evaluation", text_column=text_column, split=eval_split, subset=subset
-            )
-            eval_ids = evaluation_tokens(
-                tokenizer,
-                eval_source,
-                seq_len=config.eval_seq_len or config.seq_len,
-                max_tokens=config.eval_max_tokens,
-                text_column=text_column,
-                split=eval_split,
-                subset=subset,
-            )
-        else:
-            eval_ids = _check_windows(eval_source, "eval_data", vocab)
-    elif evaluate:
-        logger.info("No evaluation source (training windows were given as a tensor); skipping perplexity")
 
+
+def _eval_windows(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    config: RFTConfig,
+    eval_source: Any,
+    read: dict[str, Any],
+    own_split: bool,
+) -> torch.LongTensor | None:
+    """Perplexity windows: a source's held-out part (``own_split``: the training source, read with its split),
+    the given token windows, or ``None`` when there is nothing to evaluate on."""
+    if eval_source is None:
+        logger.info("No evaluation source (training windows were given as a tensor); skipping perplexity")
+        return None
+    if not isinstance(eval_source, str):
+        return _check_windows(eval_source, "eval_data", getattr(model.config, "vocab_size", None))
+    from .data import evaluation_tokens, load_text
+
+    read = {**read, "split": read["split"] if own_split else None}
+    load_text(eval_source, purpose="evaluation", **read)
+    return evaluation_tokens(
+        tokenizer,
+        eval_source,
+        seq_len=config.eval_seq_len or config.seq_len,
+        max_tokens=config.eval_max_tokens,
+        **read,
+    )
+
+
+def _checkpoints(
+    checkpoint_dir: str | os.PathLike | None,
+    output_dir: str | os.PathLike | None,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[Path, str | None]:
+    """Trainer's checkpoint directory and the checkpoint to resume from: an earlier run's checkpoints are
+    resumed (``resume``), discarded (``overwrite``), or refused."""
     if checkpoint_dir is None:
         if output_dir is None:
             raise RFTError("checkpoint_dir is needed when output_dir is None")
@@ -449,76 +524,35 @@ def rft(
         last = None
     if resume and last is None:
         logger.warning("Nothing to resume in %s; starting from step 0", checkpoint_dir)
-
-    return _train(
-        model,
-        tokenizer,
-        config,
-        targets,
-        train_ids,
-        eval_ids,
-        output_dir=output_dir,
-        checkpoint_dir=checkpoint_dir,
-        resume_from=last,
-        keep_checkpoints=keep_checkpoints,
-        overwrite=overwrite,
-        base_ref=base_ref,
-        source=source,
-        data={
-            "train": train_data if isinstance(train_data, str) else "<token windows>",
-            "eval": eval_source if isinstance(eval_source, str) or eval_source is None else "<token windows>",
-        },
-        callbacks=callbacks,
-        show_progress=show_progress,
-        write_checkpoint=write_checkpoint,
-    )
+    return checkpoint_dir, last
 
 
-def _train(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase | None,
-    config: RFTConfig,
-    targets: list[str] | str,
-    train_ids: torch.LongTensor,
-    eval_ids: torch.LongTensor | None,
-    *,
-    output_dir: str | os.PathLike | None,
-    checkpoint_dir: Path,
-    resume_from: str | None,
-    keep_checkpoints: bool,
-    overwrite: bool,
-    base_ref: str | None,
-    source: str,
-    data: dict[str, Any],
-    callbacks: Sequence[Any],
-    show_progress: bool,
-    write_checkpoint: Any,
-) -> RFTResult:
-    from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+@dataclass
+class _Run:
+    """One checked RFT run: the model, its windows, and where it writes."""
 
-    class _LogLoss(TrainerCallback):
-        """Loss lines through ``logging`` (stderr): Trainer prints its log dicts to stdout, which must stay
-        clean for ``--json``."""
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase | None
+    config: RFTConfig
+    targets: list[str] | str
+    train_ids: torch.LongTensor
+    eval_ids: torch.LongTensor | None
+    output_dir: str | os.PathLike | None
+    checkpoint_dir: Path
+    resume_from: str | None
+    keep_checkpoints: bool
+    overwrite: bool
+    base_ref: str | None
+    source: str
+    data: dict[str, Any]
+    callbacks: Sequence[Any]
+    show_progress: bool
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
-            if logs and "loss" in logs and state.is_world_process_zero:
-                logger.info(
-                    "step %d/%d: loss %.4f, lr %.3g",
-                    state.global_step,
-                    state.max_steps,
-                    logs["loss"],
-                    logs.get("learning_rate", float("nan")),
-                )
 
-    class _BarOnly(ProgressCallback):
-        """Trainer's progress bar without its ``print``-style log lines."""
+def _training_arguments(config: RFTConfig, checkpoint_dir: Path, show_progress: bool) -> Any:
+    from transformers import TrainingArguments
 
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
-            return
-
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(checkpoint_dir),
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -544,65 +578,113 @@ def _train(
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available() and not config.use_cpu,
     )
+
+
+def _loss_logger() -> Any:
+    """A callback that logs the loss through ``logging`` (stderr): Trainer prints its log dicts to stdout,
+    which must stay clean for ``--json``."""
+    from transformers import TrainerCallback
+
+    class _LogLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+            if logs and "loss" in logs and state.is_world_process_zero:
+                logger.info(
+                    "step %d/%d: loss %.4f, lr %.3g",
+                    state.global_step,
+                    state.max_steps,
+                    logs["loss"],
+                    logs.get("learning_rate", float("nan")),
+                )
+
+    return _LogLoss()
+
+
+def _quiet_trainer(trainer: Any) -> None:
+    """No ``print``-style log lines from Trainer: its progress bar only."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - Trainer's signature
+            return
+
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarOnly())
+
+
+def _train(run: _Run) -> RFTResult:
+    """Measure, train LoRA with ``Trainer``, measure again, merge (or keep the adapter) and write."""
+    from peft import get_peft_model
+    from transformers import Trainer, default_data_collator, set_seed
+
+    config, model = run.config, run.model
+    args = _training_arguments(config, run.checkpoint_dir, run.show_progress)
     model.to(args.device)
     use_cache = model.config.__dict__.get("use_cache", _ABSENT)
     model.config.use_cache = False  # no KV cache while training; restored before saving
 
     # Every rank measures (ranks stay in step; the main process reports): LoRA starts at zero, so the base
     # model's perplexity is the starting point.
-    before = _perplexity(model, eval_ids, config.eval_batch_size, show_progress)
+    before = _perplexity(model, run.eval_ids, config.eval_batch_size, run.show_progress)
     if before is not None:
         logger.info("Perplexity before RFT: %.4f", before.perplexity)
-
-    lora = config.lora_config(targets)
     set_seed(config.seed)  # LoRA's random init: the same seed gives the same run, interrupted or not
-    peft_model = get_peft_model(model, lora)
+    peft_model = get_peft_model(model, config.lora_config(run.targets))
     trainable, total = peft_model.get_nb_trainable_parameters()
     logger.info(
         "LoRA r=%d alpha=%g on %s: %s trainable of %s parameters",
-        config.r,
-        config.lora_alpha,
-        targets,
-        f"{trainable:,}",
-        f"{total:,}",
-    )
+        config.r, config.lora_alpha, run.targets, f"{trainable:,}", f"{total:,}",
+    )  # fmt: skip
     trainer = Trainer(
         model=peft_model,
         args=args,
-        train_dataset=_Windows(train_ids),
+        train_dataset=_Windows(run.train_ids),
         data_collator=default_data_collator,
-        callbacks=[_LogLoss(), *callbacks],
+        callbacks=[_loss_logger(), *run.callbacks],
     )
-    trainer.remove_callback(PrinterCallback)
-    if trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_BarOnly())
-    if resume_from:
-        logger.info("Resuming from %s", resume_from)
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    _quiet_trainer(trainer)
+    if run.resume_from:
+        logger.info("Resuming from %s", run.resume_from)
+    output = trainer.train(resume_from_checkpoint=run.resume_from)
     peft_model.eval()
-    after = _perplexity(peft_model, eval_ids, config.eval_batch_size, show_progress)
+    after = _perplexity(peft_model, run.eval_ids, config.eval_batch_size, run.show_progress)
     if after is not None:
         logger.info("Perplexity after RFT: %.4f (before: %.4f)", after.perplexity, before.perplexity)
+    report = _report(run, trainer, output, (trainable, total), before, after)
+    result_model = _result_model(run, peft_model)
+    if use_cache is _ABSENT:
+        del model.config.use_cache
+    else:
+        model.config.use_cache = use_cache
+    written = _write(run, result_model, report) if trainer.is_world_process_zero() else None
+    trainer.accelerator.wait_for_everyone()
+    return RFTResult(model=result_model, report=report, output_dir=written)
 
-    settings = asdict(config)
-    settings["target_modules"] = targets if isinstance(targets, str) else list(targets)
+
+def _report(
+    run: _Run, trainer: Any, output: Any, parameters: tuple[int, int], before: Any, after: Any
+) -> dict[str, Any]:
+    """``rft_report.json``: settings, data, training log, and the perplexity before and after."""
+    settings = asdict(run.config)
+    settings["target_modules"] = run.targets if isinstance(run.targets, str) else list(run.targets)
+    resumed = run.resume_from
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": source,
-        "base_model_path": base_ref,
-        "data": data,
+        "model": run.source,
+        "base_model_path": run.base_ref,
+        "data": run.data,
         "settings": settings,
-        "merged": config.merge,
-        "parameters": {"trainable": int(trainable), "total": int(total)},
+        "merged": run.config.merge,
+        "parameters": {"trainable": int(parameters[0]), "total": int(parameters[1])},
         "training": {
             "global_step": int(output.global_step),
             "train_loss": float(output.training_loss),
             "runtime_s": round(float(output.metrics.get("train_runtime", 0.0)), 3),
-            "sequences": int(train_ids.shape[0]),
-            "seq_len": int(train_ids.shape[1]),
-            "world_size": int(args.world_size),
-            "resumed_from": Path(resume_from).name if resume_from else None,
+            "sequences": int(run.train_ids.shape[0]),
+            "seq_len": int(run.train_ids.shape[1]),
+            "world_size": int(trainer.args.world_size),
+            "resumed_from": Path(resumed).name if resumed else None,
             "log": _loss_log(trainer.state.log_history),
         },
         "perplexity": None,
@@ -610,7 +692,7 @@ def _train(
     }
     if before is not None and after is not None:
         report["perplexity"] = {
-            "data": data["eval"],
+            "data": run.data["eval"],
             "seq_len": after.seq_len,
             "tokens": after.tokens,
             "before": before.perplexity,
@@ -618,43 +700,49 @@ def _train(
             "before_nll": before.nll,
             "after_nll": after.nll,
         }
+    return report
 
-    if config.merge:
-        result_model = peft_model.merge_and_unload()
+
+def _result_model(run: _Run, peft_model: Any) -> nn.Module:
+    """The merged sliced model, or the ``PeftModel`` pointing at its base checkpoint, in eval mode."""
+    if run.config.merge:
+        result = peft_model.merge_and_unload()
     else:
-        result_model = peft_model
-        if base_ref is not None:
+        result = peft_model
+        if run.base_ref is not None:
             # AutoPeftModelForCausalLM.from_pretrained(DIR) loads the base from here; an absolute local path
             # works offline (for the Hub, point it at the sliced model's repo id before pushing).
-            peft_model.peft_config["default"].base_model_name_or_path = base_ref
-    result_model.eval()
-    if use_cache is _ABSENT:
-        del model.config.use_cache
-    else:
-        model.config.use_cache = use_cache
+            peft_model.peft_config["default"].base_model_name_or_path = run.base_ref
+    result.eval()
+    return result
 
-    written = None
-    if output_dir is not None and trainer.is_world_process_zero():
 
-        def write(directory: Path) -> None:
-            result_model.save_pretrained(directory)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
-            base_dir = Path(base_ref) if base_ref is not None else None
-            if config.merge and base_dir is not None and (base_dir / SLICING_REPORT_NAME).is_file():
-                # The merged model is the same sliced architecture: keep how it was sliced beside it.
-                shutil.copy2(base_dir / SLICING_REPORT_NAME, directory / SLICING_REPORT_NAME)
-            (directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            from ..checkpoint.hub import write_model_card
+def _write(run: _Run, result_model: nn.Module, report: dict[str, Any]) -> Path | None:
+    """Write the result atomically with its tokenizer, reports and card; drop Trainer's checkpoints."""
+    if run.output_dir is None:
+        return None
+    from ..checkpoint.hub import write_model_card
+    from ..checkpoint.io import write_checkpoint
 
-            write_model_card(directory, name=Path(output_dir).name)
+    output_dir = run.output_dir
 
-        written = write_checkpoint(output_dir, write, overwrite=overwrite)
-        if not keep_checkpoints:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        logger.info("Wrote %s (%s)", written, "merged sliced checkpoint" if config.merge else "PEFT adapter")
-    trainer.accelerator.wait_for_everyone()
-    return RFTResult(model=result_model, report=report, output_dir=written)
+    def write(directory: Path) -> None:
+        result_model.save_pretrained(directory)
+        if run.tokenizer is not None:
+            run.tokenizer.save_pretrained(directory)
+        base_dir = Path(run.base_ref) if run.base_ref is not None else None
+        if run.config.merge and base_dir is not None and (base_dir / SLICING_REPORT_NAME).is_file():
+            # The merged model is the same sliced architecture: keep how it was sliced beside it.
+            shutil.copy2(base_dir / SLICING_REPORT_NAME, directory / SLICING_REPORT_NAME)
+        (directory / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_model_card(directory, name=Path(output_dir).name)
+
+    written = write_checkpoint(output_dir, write, overwrite=run.overwrite)
+    if not run.keep_checkpoints:
+        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+    kind = "merged sliced checkpoint" if run.config.merge else "PEFT adapter"
+    logger.info("Wrote %s (%s)", written, kind)
+    return written
 
 
 __all__ = [

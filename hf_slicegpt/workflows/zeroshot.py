@@ -137,6 +137,69 @@ def _as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _harness_model(
+    model: Any,
+    tokenizer: Any,
+    device: str | None,
+    batch_size: int | str,
+    max_length: int | None,
+    trust_remote_code: bool,
+) -> tuple[Any, str]:
+    """lm-eval's ``HFLM`` around a model in memory (evaluated where it is), or loading a path or hub id; and
+    the model's name for the results."""
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(model, (str, os.PathLike)):
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        lm = HFLM(
+            pretrained=str(model),
+            tokenizer=tokenizer,
+            backend="causal",
+            device=device,
+            batch_size=batch_size,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+        )
+        return lm, str(model)
+    if tokenizer is None:
+        raise ZeroShotError("evaluating a model in memory needs its tokenizer; pass tokenizer=")
+    model.eval()
+    lm = HFLM(
+        pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length
+    )
+    return lm, getattr(model, "name_or_path", "") or type(model).__name__
+
+
+def _task_manager(
+    names: list[str],
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None,
+    include_defaults: bool,
+) -> Any:
+    """lm-eval's task index, with the local task directories; every name must be in it."""
+    from lm_eval.tasks import TaskManager
+
+    paths = [
+        str(p)
+        for p in ([include_path] if isinstance(include_path, (str, os.PathLike)) else include_path or [])
+    ]
+    manager = None
+    if paths and include_defaults:
+        # Indexing lm-eval's thousands of built-in task files takes a while: skip it when the local tasks suffice.
+        local = TaskManager(include_path=paths, include_defaults=False)
+        manager = local if all(name in local.all_tasks for name in names) else None
+    manager = manager or TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        raise ZeroShotError(
+            f"unknown lm-eval task(s) {unknown}; check the spelling (`lm_eval ls tasks`) or pass include_path= "
+            "for local task YAMLs"
+        )
+    return manager
+
+
 def evaluate_tasks(
     model: Any,
     tokenizer: Any = None,
@@ -178,56 +241,11 @@ def evaluate_tasks(
         "average", "num_fewshot", "limit", "lm_eval_version", "model"}``.
     """
     lm_eval = _import_lm_eval()
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
     names = parse_tasks(tasks)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ZeroShotError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
-    if isinstance(model, (str, os.PathLike)):
-        model_name = str(model)
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        lm = HFLM(
-            pretrained=model_name,
-            tokenizer=tokenizer,
-            backend="causal",
-            device=device,
-            batch_size=batch_size,
-            max_length=max_length,
-            trust_remote_code=trust_remote_code,
-        )
-    else:
-        if tokenizer is None:
-            raise ZeroShotError("evaluating a model in memory needs its tokenizer; pass tokenizer=")
-        model_name = getattr(model, "name_or_path", "") or type(model).__name__
-        model.eval()
-        lm = HFLM(
-            pretrained=model,
-            tokenizer=tokenizer,
-            backend="causal",
-            batch_size=batch_size,
-            max_length=max_length,
-        )
-
-    paths = [
-        str(p)
-        for p in ([include_path] if isinstance(include_path, (str, os.PathLike)) else include_path or [])
-    ]
-    manager = None
-    if paths and include_defaults:
-        # Indexing lm-eval's thousands of built-in task files takes a while: skip it when the local tasks suffice.
-        local = TaskManager(include_path=paths, include_defaults=False)
-        manager = local if all(name in local.all_tasks for name in names) else None
-    manager = manager or TaskManager(include_path=paths or None, include_defaults=include_defaults)
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise ZeroShotError(
-            f"unknown lm-eval task(s) {unknown}; check the spelling (`lm_eval ls tasks`) or pass include_path= "
-            "for local task YAMLs"
-        )
+    lm, model_name = _harness_model(model, tokenizer, device, batch_size, max_length, trust_remote_code)
+    manager = _task_manager(names, include_path, include_defaults)
     logger.info(
         "lm-eval %s on %s: %s (%d-shot)", lm_eval.__version__, model_name, ", ".join(names), num_fewshot
     )
