@@ -2,6 +2,8 @@
 
 For each sparsity the dense model is reloaded (``slice_model`` consumes its input), sliced on pydocs calibration
 windows, and scored on the held-out pydocs tail. All rows come from one run on one machine, side by side.
+The rows are the paper's method (``--correction none``, the default here); ``--correction ridge`` gives the
+library default's.
 
     .venv/bin/python benchmarks/core_smollm2.py            # 128 x 512 calibration, 20/25/30%
     .venv/bin/python benchmarks/core_smollm2.py --num-samples 16 --seq-len 128 --sparsities 0.25  # smoke run
@@ -73,6 +75,10 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument(
+        "--correction", choices=["none", "ridge"], default="none",
+        help="none: the paper's weights (default); ridge: the library default's output-aware correction",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -110,8 +116,9 @@ def main() -> None:
     for sparsity in args.sparsities:
         model, _ = load_model_and_tokenizer(args.model, dtype="float32")
         start = time.perf_counter()
+        config = hf_slicegpt.SlicingConfig(sparsity=sparsity, correction=args.correction)
         sliced = hf_slicegpt.slice_model(
-            model, calibration, sparsity, batch_size=args.batch_size, show_progress=False
+            model, calibration, config, batch_size=args.batch_size, show_progress=False
         )
         slicing_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -134,7 +141,8 @@ def main() -> None:
         del sliced, model
 
     print(
-        f"\nSmolLM2-135M (fp32), calibration pydocs {args.num_samples} x {args.seq_len} (seed {args.seed}), "
+        f"\nSmolLM2-135M (fp32), correction {args.correction}, calibration pydocs {args.num_samples} x {args.seq_len} "
+        f"(seed {args.seed}), "
         f"evaluation: held-out pydocs, {evaluation.shape[0]} x {args.seq_len} tokens\n"
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"hf_slicegpt {revision}\n"
