@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def test_prose_is_the_installed_packages_readmes_and_licences_spread_over_many_p
     assert len(documents) == len(set(documents)) and max(map(len, documents)) <= 4_000
     # a prefix of the order is not one package's text: the shuffle spreads it
     assert len({document[:200] for document in documents[:20]}) == 20
+
+
+def test_prose_leaves_out_this_projects_own_readme():
+    """Editing hf-slicegpt's README must not change what a default slice calibrates on."""
+    own = importlib.metadata.distribution("hf-slicegpt").metadata.get_payload().strip()
+    assert len(own) >= 400  # our README would qualify as a document, so the test can fail
+    assert all(document != own[:4_000] for document in package_prose())
 
 
 def test_a_filter_leaves_documents_out_and_a_benchmark_can_leave_out_what_it_evaluates():

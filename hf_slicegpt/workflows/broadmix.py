@@ -11,7 +11,8 @@ as one; ``benchmarks/correction.py`` leaves such documents out):
   e-mail-like identifiers, accented and Greek/Cyrillic words) from a generator of its own (not the one
   ``benchmarks/robustness.py`` evaluates on);
 - ``prose``: the English that ships with the installed Python packages: each distribution's long description
-  (its README) and its licence and notice files, read through ``importlib.metadata``.
+  (its README) and its licence and notice files, read through ``importlib.metadata``; hf-slicegpt's own are
+  left out, so that editing this project's README does not change what a default slice calibrates on.
 
 Each kind is a list of documents; :func:`broad_texts` joins them up to a size cap and takes a ``keep`` filter,
 so that a benchmark can leave out any document that shares text with what it evaluates on.
@@ -38,6 +39,8 @@ _PROSE_FILES = ("LICENSE", "LICENCE", "COPYING", "NOTICE")
 _MIN_DOCUMENT_CHARS = 400
 _PROSE_DOCUMENT_CHARS = 4_000
 _SKIP = ("test", "idlelib", "tkinter", "turtledemo", "lib2to3", "ensurepip", "site-packages", "config-")
+# Distributions whose text is not calibration text: this project's own README and licence.
+_OWN_DISTRIBUTIONS = ("hf-slicegpt",)
 
 
 def stdlib_code() -> Iterator[str]:
@@ -54,7 +57,8 @@ def stdlib_code() -> Iterator[str]:
 
 
 def package_prose(seed: int = 0) -> Iterator[str]:
-    """The installed distributions' long descriptions and licence/notice files, each cut at 4,000 characters.
+    """The installed distributions' long descriptions and licence/notice files, each cut at 4,000 characters
+    (hf-slicegpt's own left out).
 
     The documents come in a seeded shuffle of their sorted order, so that any prefix of them spans many
     packages and both kinds of text (READMEs and legal English); exact repeats come once.
@@ -62,6 +66,8 @@ def package_prose(seed: int = 0) -> Iterator[str]:
     documents: dict[str, str] = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
+        if name.replace("_", "-") in _OWN_DISTRIBUTIONS:
+            continue
         documents[f"{name}/description"] = (
             dist.metadata.get_payload() or dist.metadata.get("Description") or ""
         )
