@@ -248,6 +248,60 @@ def test_refusals_come_before_training(sliced_dir, tmp_path):
         rft(in_memory, None, "pydocs", tmp_path / "c", _config(), show_progress=False)
 
 
+def _tree(directory):
+    return sorted((p.relative_to(directory).as_posix(), p.stat().st_size) for p in directory.rglob("*"))
+
+
+def test_the_checkpoint_directory_must_be_its_own_and_nothing_else_is_ever_deleted(sliced_dir, tmp_path):
+    """The checkpoints are emptied after training: an input, the output or a folder of the user's is refused,
+    before training, and left as it was."""
+    train = _pattern_windows(4, 16)
+    model_files = _tree(sliced_dir)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("keep me too")
+    refused = {
+        sliced_dir: "is or contains the input",
+        tmp_path: "contains",
+        tmp_path / "out": "the output",
+        tmp_path / "out" / "ckpt": "the output",
+        tmp_path / "mine": r"holds files other than Trainer checkpoints \(notes.txt\)",
+        tmp_path / "a_file": "is not a directory",
+    }
+    for checkpoint_dir, message in refused.items():
+        with pytest.raises(RFTError, match=message):
+            rft(
+                sliced_dir,
+                None,
+                train,
+                tmp_path / "out",
+                _config(),
+                checkpoint_dir=checkpoint_dir,
+                show_progress=False,
+            )
+    assert _tree(sliced_dir) == model_files and not (tmp_path / "out").exists()
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "a_file").read_text() == "keep me too"
+    # its own directory: used, then removed after success
+    result = rft(
+        sliced_dir,
+        None,
+        train,
+        tmp_path / "out",
+        _config(),
+        checkpoint_dir=tmp_path / "ckpt",
+        show_progress=False,
+    )
+    assert result.output_dir is not None and not (tmp_path / "ckpt").exists()
+
+
+def test_a_dense_model_is_refused_before_training_naming_it(tmp_path):
+    dense = make_tiny("llama")
+    with pytest.raises(RFTError, match="'llama' model, not a sliced one.*hf-slicegpt slice"):
+        rft(dense, None, _pattern_windows(4, 16), tmp_path / "out", _config(), show_progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.rft-checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

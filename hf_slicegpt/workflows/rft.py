@@ -15,11 +15,13 @@ share of the batches and measures perplexity; only the main process writes the o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,8 @@ logger = logging.getLogger(__name__)
 MODEL_TYPE = SlicedConfig.model_type
 REPORT_FORMAT = 1
 _ABSENT = object()
+# What Trainer writes into its output directory here (report_to="none"): checkpoints, and their temporaries.
+_TRAINER_ENTRY = re.compile(r"(tmp-)?checkpoint-\d+")
 
 # Linear layers inside a sliced block, under the names each family gives them (the sliced model keeps the
 # family's attention and MLP modules): derived from the registered adapters, so a new family brings its own.
@@ -370,7 +374,8 @@ def rft(
     eval_ids = None
     if evaluate:
         eval_ids = _eval_windows(model, tokenizer, config, eval_source, read, own_split=eval_data is None)
-    checkpoint_dir, last = _checkpoints(checkpoint_dir, output_dir, resume, overwrite)
+    inputs = [source, base_model_path, train_data, eval_data]
+    checkpoint_dir, last = _checkpoints(checkpoint_dir, output_dir, resume, overwrite, inputs)
     run = _Run(
         model=model,
         tokenizer=tokenizer,
@@ -433,6 +438,13 @@ def _check_request(
             "an unmerged adapter must name the sliced checkpoint it applies to, but this model was not loaded "
             "from a checkpoint directory; save the sliced model first and pass base_model_path=DIR "
             "(or merge=True)"
+        )
+    model_type = getattr(model.config, "model_type", None)
+    if output_dir is not None and model_type != MODEL_TYPE:
+        raise RFTError(
+            f"{source!r} is a {model_type!r} model, not a sliced one: RFT writes sliced checkpoints (model_type "
+            f"{MODEL_TYPE!r}); slice it first with `hf-slicegpt slice` (in Python, output_dir=None keeps a "
+            "fine-tuned model of any type in memory)"
         )
     for text_source in (train_data, eval_data):
         if isinstance(text_source, str) and text_source == "":
@@ -501,6 +513,7 @@ def _checkpoints(
     output_dir: str | os.PathLike | None,
     resume: bool,
     overwrite: bool,
+    inputs: Sequence[Any] = (),
 ) -> tuple[Path, str | None]:
     """Trainer's checkpoint directory and the checkpoint to resume from: an earlier run's checkpoints are
     resumed (``resume``), discarded (``overwrite``), or refused."""
@@ -510,6 +523,7 @@ def _checkpoints(
         out = Path(output_dir).absolute()
         checkpoint_dir = out.parent / f"{out.name}.rft-checkpoints"
     checkpoint_dir = Path(checkpoint_dir)
+    _check_checkpoint_dir(checkpoint_dir, output_dir, inputs)
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(checkpoint_dir) if checkpoint_dir.is_dir() else None
@@ -520,11 +534,66 @@ def _checkpoints(
                 "resume=True (--resume) to continue it, or overwrite=True (--overwrite) to start over"
             )
         logger.warning("Discarding earlier checkpoints in %s", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
+        _remove_checkpoints(checkpoint_dir)
         last = None
     if resume and last is None:
         logger.warning("Nothing to resume in %s; starting from step 0", checkpoint_dir)
     return checkpoint_dir, last
+
+
+def _check_checkpoint_dir(checkpoint_dir: Path, output_dir: Any, inputs: Sequence[Any]) -> None:
+    """The checkpoint directory is emptied after a successful run, so it must be one of its own: not a file,
+    the current directory, the output or an input, nor contain one or lie inside the output, and holding
+    nothing but Trainer checkpoints."""
+    name = str(checkpoint_dir)
+    if checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise RFTError(
+            f"checkpoint directory {name!r} exists and is not a directory; choose another (--checkpoint-dir)"
+        )
+    resolved = checkpoint_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if cwd == resolved or cwd.is_relative_to(resolved):
+        raise RFTError(
+            f"checkpoint directory {name!r} is or contains the current directory; choose a new one (--checkpoint-dir)"
+        )
+    # The output is written by replacing its directory: the checkpoints may not be, contain or lie inside it.
+    # An input may not be, or lie inside, the checkpoints (an input directory may hold them).
+    places = [(output_dir, True), *((source, False) for source in inputs)]
+    for other, inside in places:
+        if (
+            not isinstance(other, (str, os.PathLike))
+            or not str(other)
+            or (not inside and not os.path.exists(other))
+        ):
+            continue
+        path = Path(other).resolve()
+        if resolved == path or path.is_relative_to(resolved) or (inside and resolved.is_relative_to(path)):
+            where = "is, contains or lies inside the output" if inside else "is or contains the input"
+            raise RFTError(
+                f"checkpoint directory {name!r} {where} {str(other)!r}, and it is emptied after training; choose "
+                "a directory of its own (--checkpoint-dir)"
+            )
+    foreign = (
+        sorted(p.name for p in checkpoint_dir.iterdir() if not _TRAINER_ENTRY.fullmatch(p.name))
+        if checkpoint_dir.is_dir()
+        else []
+    )
+    if foreign:
+        raise RFTError(
+            f"checkpoint directory {name!r} holds files other than Trainer checkpoints ({', '.join(foreign[:3])}), "
+            "and it is emptied after training; choose a new or empty directory (--checkpoint-dir)"
+        )
+
+
+def _remove_checkpoints(checkpoint_dir: Path) -> None:
+    """Delete Trainer's checkpoints (nothing else), then the directory if that left it empty."""
+    if not checkpoint_dir.is_dir():
+        return
+    for entry in checkpoint_dir.iterdir():
+        if _TRAINER_ENTRY.fullmatch(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        checkpoint_dir.rmdir()
 
 
 @dataclass
@@ -739,7 +808,7 @@ def _write(run: _Run, result_model: nn.Module, report: dict[str, Any]) -> Path |
 
     written = write_checkpoint(output_dir, write, overwrite=run.overwrite)
     if not run.keep_checkpoints:
-        shutil.rmtree(run.checkpoint_dir, ignore_errors=True)
+        _remove_checkpoints(run.checkpoint_dir)
     kind = "merged sliced checkpoint" if run.config.merge else "PEFT adapter"
     logger.info("Wrote %s (%s)", written, kind)
     return written
