@@ -100,3 +100,41 @@ def test_perplexity_plot_draws_each_model_at_its_sparsity(figures, tmp_path) -> 
     np.testing.assert_allclose(line["x"], [0, 25, 50])  # sorted by sparsity, in percent
     np.testing.assert_allclose(line["y"], [10.0, 14.0, 40.0])
     assert axes["yscale"] == "log"
+
+
+def test_a_plot_file_that_cannot_be_written_is_refused_up_front(tmp_path) -> None:
+    assert reporting.check_plot_file(tmp_path / "new" / "ppl.png") == tmp_path / "new" / "ppl.png"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    reporting.check_plot_file(tmp_path / "ppl.PDF")
+    with pytest.raises(
+        ValueError, match=r"format 'xyz' is not one matplotlib writes \(.*png.*\); name it e.g. p.png"
+    ):
+        reporting.check_plot_file(tmp_path / "p.xyz")
+    with pytest.raises(ValueError, match="no format"):
+        reporting.check_plot_file(tmp_path / "plot")
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        reporting.check_plot_file(tmp_path / "dir.png")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        reporting.check_plot_file(tmp_path / "afile" / "ppl.png")
+
+
+def test_eval_checks_its_plot_file_before_loading_any_model(tmp_path, capsys) -> None:
+    """A bad --plot fails in a second, naming the file, not after every model is evaluated."""
+    from hf_slicegpt import cli
+
+    code = cli.main(
+        [
+            "-q",
+            "eval",
+            str(tmp_path / "no-such-model"),
+            "--data",
+            "pydocs",
+            "--json",
+            "--plot",
+            str(tmp_path / "p.xyz"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code != 0 and "p.xyz" in err and "format 'xyz'" in err and "no-such-model" not in err

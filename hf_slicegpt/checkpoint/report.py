@@ -305,6 +305,30 @@ def pyplot() -> Any:
     return plt
 
 
+def check_plot_file(path: str | os.PathLike) -> Path:
+    """Refuse a plot file that cannot be written, before the evaluation it would draw: matplotlib missing, a
+    format it cannot write, a directory in its place, or a parent that cannot be created."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from .io import check_output_writable
+
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise ValueError(
+            f"plot file {str(path)!r}: {('format ' + repr(suffix)) if suffix else 'no format'} is not one "
+            f"matplotlib writes ({', '.join(sorted(formats))}); name it e.g. {path.stem or 'plot'}.png"
+        )
+    if path.is_dir():
+        raise ValueError(
+            f"plot file {str(path)!r} is a directory; name a file, e.g. {str(path / 'plot.png')!r}"
+        )
+    check_output_writable(path)
+    return path
+
+
 def plot_spectra(stats: Sequence[Any], directory: str | os.PathLike) -> list[Path]:
     """PNG pictures of the calibration eigenvalue spectra, each with its kept width marked.
 

@@ -185,10 +185,15 @@ def run_command(args: argparse.Namespace) -> int:
         )
     if args.plot and not args.data:
         raise ValueError("--plot draws perplexity: it needs --data SOURCE")
+    # Fail before minutes of evaluation, not after: a plot file that cannot be written, lm-eval missing.
     if args.plot:
-        from ..checkpoint.report import pyplot
+        from ..checkpoint.report import check_plot_file
 
-        pyplot()  # fail before minutes of evaluation if matplotlib is missing
+        check_plot_file(args.plot)
+    if args.tasks:
+        from ..workflows.zeroshot import require_lm_eval
+
+        require_lm_eval()
     rows = []
     for source in args.models if args.data else ():
         row = evaluate_model(
@@ -215,12 +220,12 @@ def run_command(args: argparse.Namespace) -> int:
             )
     if args.tasks:
         rows = zero_shot_rows(args, rows)
+    if args.json:  # before the plot: the figures are printed even if writing the picture fails
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2), flush=True)
     if args.plot:
         from ..checkpoint.report import PerplexityPoint, plot_perplexity_vs_sparsity
 
         points = [PerplexityPoint(r["model"], r["sparsity"], r["perplexity"]) for r in rows]
         path = plot_perplexity_vs_sparsity(points, args.plot, data=args.data)
         logger.info("Wrote %s", path)
-    if args.json:
-        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
     return 0

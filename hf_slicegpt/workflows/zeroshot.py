@@ -80,7 +80,8 @@ def offline_task_error(tasks: Sequence[str], exc: BaseException) -> ZeroShotErro
     )
 
 
-def _import_lm_eval() -> Any:
+def require_lm_eval() -> Any:
+    """lm-eval, or an ImportError saying how to install it (the CLI checks it before evaluating any model)."""
     try:
         import lm_eval
     except ImportError as exc:
@@ -240,7 +241,7 @@ def evaluate_tasks(
         ``{"tasks": {task: {"metric", "value", "stderr", "samples", "dataset_path", "dataset_name", "split"}},
         "average", "num_fewshot", "limit", "lm_eval_version", "model"}``.
     """
-    lm_eval = _import_lm_eval()
+    lm_eval = require_lm_eval()
     names = parse_tasks(tasks)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ZeroShotError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
@@ -432,5 +433,6 @@ __all__ = [
     "parse_results",
     "parse_tasks",
     "primary_metric",
+    "require_lm_eval",
     "save_results",
 ]
