@@ -65,6 +65,35 @@ def test_run_slice_settles_native_widths_on_a_copy_and_records_them(tmp_path: Pa
     assert type(native).__name__ == "LlamaForCausalLM" and native.config.hidden_size == 48
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("config", {"sparsity": 0.25}, "config must be a SlicingConfig"),
+        ("output", None, "output must be a non-empty path"),
+        ("seed", "x", "seed must be an integer"),
+        ("num_samples", 0, "num_samples must be an integer >= 1"),
+        ("seq_len", 2.5, "seq_len must be an integer >= 2"),
+        ("dtype", "fp8", "dtype must be None or one of float32, bfloat16, float16"),
+        ("offload", "gpu", "offload must be one of"),
+        ("broad_mix", 0.7, "broad mix fraction must be in"),
+        ("export", "gguf", "export must be 'sliced' or 'native'"),
+        ("eval_max_tokens", 1, "eval_max_tokens must be None or an integer >= 2"),
+    ],
+)
+def test_a_slice_job_names_a_bad_field_when_it_is_made(field, value, message) -> None:
+    fields = {"model": "m", "output": "o", "config": SlicingConfig(sparsity=0.25), field: value}
+    with pytest.raises(ValueError, match=message):
+        SliceJob(**fields)
+
+
+def test_a_slice_job_takes_a_sparsity_and_a_torch_dtype_as_slice_model_does() -> None:
+    import torch
+
+    job = SliceJob("m", Path("o"), 0.25, dtype=torch.bfloat16)
+    assert job.config == SlicingConfig(sparsity=0.25) and job.dtype == "bfloat16" and job.output == "o"
+    json.dumps(hf_slicegpt.workflows.pipeline.job_settings(job, 32, "cpu"))  # the report can record it
+
+
 def _readme_python() -> str:
     text = (REPO / "README.md").read_text(encoding="utf-8")
     section = text[text.index("## Python") :]

@@ -18,15 +18,18 @@ Example (the offline demo model, 8 calibration windows of 128 tokens):
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..errors import SliceGPTError
+from ..runtime.offload import check_offload
 from ..slicing import SlicingConfig, slice_model
 from .broadmix import BROAD_FRACTION, BROAD_KINDS, check_broad_mix
-from .loading import capped_seq_len, resolve_device
+from .loading import DTYPES, capped_seq_len, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,54 @@ class SliceJob:
     export: str = "sliced"
     # Run code shipped with the model or tokenizer (an auto_map): only when the user asks for it.
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        """Check the fields' types here, so that a mistake fails at once, naming the field, not after slicing.
+
+        A sparsity in place of the config becomes ``SlicingConfig(sparsity=...)``, as in ``slice_model``; a
+        ``torch.dtype`` becomes its name, as the report records it.
+        """
+        if isinstance(self.config, (int, float)) and not isinstance(self.config, bool):
+            self.config = SlicingConfig(sparsity=float(self.config))
+        if not isinstance(self.config, SlicingConfig):
+            raise SliceJobError(
+                f"config must be a SlicingConfig (or a sparsity), got {type(self.config).__name__}"
+            )
+        for name in ("model", "output"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise SliceJobError(f"{name} must be a non-empty path or name, got {value!r}")
+            setattr(self, name, str(value))
+        for name, least in (("num_samples", 1), ("seq_len", 2), ("batch_size", 1), ("eval_batch_size", 1),
+                            ("checkpoint_every", 0), ("seed", None)):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+                wanted = "an integer" if least is None else f"an integer >= {least}"
+                raise SliceJobError(f"{name} must be {wanted}, got {value!r}")
+        if self.eval_max_tokens is not None and (
+            not isinstance(self.eval_max_tokens, int) or self.eval_max_tokens < 2
+        ):
+            raise SliceJobError(
+                f"eval_max_tokens must be None or an integer >= 2, got {self.eval_max_tokens!r}"
+            )
+        self.dtype = _dtype_name(self.dtype)
+        self.offload = check_offload(self.offload)
+        check_broad_mix(self.broad_mix)
+        if self.export not in ("sliced", "native"):
+            raise SliceJobError(f"export must be 'sliced' or 'native', got {self.export!r}")
+
+
+class SliceJobError(SliceGPTError):
+    """A :class:`SliceJob` field of the wrong type or value."""
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """``None``, or the name of a dtype the loader knows (``torch.bfloat16`` -> ``"bfloat16"``)."""
+    names = {value: key for key, value in DTYPES.items()}
+    name = names.get(dtype, dtype)
+    if name is not None and name not in DTYPES:
+        raise SliceJobError(f"dtype must be None or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
 
 
 @dataclass
@@ -460,4 +511,4 @@ def _run_low_memory(job: SliceJob, device: str, show_progress: bool) -> SliceRes
     )
 
 
-__all__ = ["SliceJob", "SliceResult", "job_settings", "run_slice"]
+__all__ = ["SliceJob", "SliceJobError", "SliceResult", "job_settings", "run_slice"]
