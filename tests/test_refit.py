@@ -104,10 +104,10 @@ def test_correction_lowers_every_block_error_on_held_out_text(build, shortcuts: 
     reference = _block_outputs(dense, held_out)
     errors = {}
     for mode in ("none", "ridge"):
+        options = {} if mode == "none" else {"correction_fraction": 1.0, "correction_shortcuts": shortcuts}
         sliced = hf_slicegpt.slice_model(
-            copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, correction_fraction=1.0,
-            correction_shortcuts=shortcuts, show_progress=False,
-        )  # fmt: skip
+            copy.deepcopy(dense), calibration(64, 32), 0.25, correction=mode, show_progress=False, **options
+        )
         errors[mode] = [_procrustes_error(s, d) for s, d in zip(_block_outputs(sliced, held_out), reference)]
     # A block with nothing to correct (the low-rank model's first: the slice loses nothing) stays as it was.
     for plain, corrected in zip(errors["none"], errors["ridge"]):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from tiny import calibration, make_tiny
 
@@ -26,6 +28,15 @@ def test_round_trip_and_equality() -> None:
         ({"sparsity": 0.25, "rotation": "global", "schedule": "variance"}, "use schedule='const'"),
         ({"sparsity": 0.25, "rotation": "global", "slice_head": False}, "drop slice_head=False"),
         ({"sparsity": 0.25, "covariance_precision": "float16"}, "covariance_precision must be one of"),
+        (
+            {"sparsity": 0.25, "correction": "none", "correction_shortcuts": True},
+            r"correction_shortcuts set with correction='none', which runs no correction; drop it, or use "
+            r"correction='ridge'",
+        ),
+        (
+            {"sparsity": 0.25, "correction": "none", "correction_fraction": 0.5, "correction_basis": "dense"},
+            "correction_fraction, correction_basis set with correction='none'.*drop them",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_the_fix(kwargs, match) -> None:
@@ -52,3 +63,8 @@ def test_keyword_options_override_a_config_and_unknown_ones_are_refused() -> Non
         hf_slicegpt.slice_model(make_tiny("llama"), calibration(), base, rotaton="global")
     with pytest.raises(SlicingError, match="needs a sparsity"):
         hf_slicegpt.slice_model(make_tiny("llama"), calibration())
+
+
+def test_a_negative_zero_sparsity_is_recorded_as_zero() -> None:
+    config = SlicingConfig(sparsity=-0.0)
+    assert math.copysign(1.0, config.sparsity) == 1.0 and config.to_dict()["sparsity"] == 0.0

@@ -49,7 +49,7 @@ def validate_sparsity(sparsity: Any) -> float:
         raise SlicingError(
             f"sparsity must be in [0, 1) (the fraction of the hidden size removed), got {sparsity!r}"
         )
-    return float(sparsity)
+    return float(sparsity) + 0.0  # + 0.0: -0.0 becomes 0.0
 
 
 def sliced_width(hidden_size: int, sparsity: float, round_to: int) -> int:
@@ -199,6 +199,17 @@ class SlicingConfig:
                     f"correction_fraction must be in (0, 1] or None (automatic), got {fraction!r}; e.g. 0.25"
                 )
             self.correction_fraction = float(fraction)
+        if (
+            self.correction == "none"
+        ):  # settings of a correction that does not run would be recorded as if used
+            unused = [name for name, is_set in (("correction_shortcuts", self.correction_shortcuts),
+                      ("correction_fraction", fraction is not None),
+                      ("correction_basis", self.correction_basis != "sliced")) if is_set]  # fmt: skip
+            if unused:
+                raise SlicingError(
+                    f"{', '.join(unused)} set with correction='none', which runs no correction; drop "
+                    f"{'them' if len(unused) > 1 else 'it'}, or use correction='ridge' (--correction ridge)"
+                )
         tolerance = self.shared_mid_tolerance
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
             raise SlicingError(f"shared_mid_tolerance must be a non-negative number, got {tolerance!r}")
