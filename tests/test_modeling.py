@@ -160,6 +160,14 @@ def test_standard_fields_are_exposed_read_only_and_agree_with_the_family(
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ReadOnlyFieldError, match="max_position_embeddings"):
         AutoConfig.from_pretrained(tmp_path)
+    layers = raw["family_config"]["num_hidden_layers"]
+    raw["max_position_embeddings"] = dense.max_position_embeddings
+    raw["num_hidden_layers"] = layers - 1  # the KV cache would be one layer short (an IndexError in generate)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        ValueError, match=f"num_hidden_layers is {layers - 1} but family_config.num_hidden_layers"
+    ):
+        AutoConfig.from_pretrained(tmp_path)
 
 
 # -- reloading ----------------------------------------------------------------------------------------------

@@ -157,6 +157,11 @@ class SlicedConfig(PreTrainedConfig):
         if self.norm_divisor is None:
             self.norm_divisor = family.hidden_size
         n = family.num_hidden_layers
+        if self.num_hidden_layers != n:  # the KV cache and generation size themselves by the top-level count
+            raise ValueError(
+                f"num_hidden_layers is {self.num_hidden_layers!r} but family_config.num_hidden_layers is {n!r}: the "
+                f"sliced model has {n} layers; set both to {n} (an edited config.json?)"
+            )
         if self.attn_input_dims is None:
             self.attn_input_dims = [family.hidden_size] * n
         if self.embedding_dim is None:
