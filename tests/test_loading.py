@@ -265,3 +265,22 @@ def test_gguf_without_the_gguf_package(fake_gguf: dict, cache_root: Path, monkey
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", needs_gguf)
     with pytest.raises(ModelSourceError, match="pip install gguf"):
         load_model_and_tokenizer(str(fake_gguf["path"]))
+
+
+def _edited_dense(directory: Path, **changes) -> Path:
+    make_tiny("llama").save_pretrained(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+    return directory
+
+
+def test_an_architecture_transformers_does_not_know_names_the_families_sliced(tmp_path: Path) -> None:
+    directory = _edited_dense(tmp_path / "foo", model_type="foobar")
+    with pytest.raises(ModelSourceError, match="model_type 'foobar'.*hf-slicegpt slices .*llama.*qwen3"):
+        load_model_and_tokenizer(directory)
+
+
+def test_a_config_that_disagrees_with_its_weights_names_the_tensors_and_both_shapes(tmp_path: Path) -> None:
+    directory = _edited_dense(tmp_path / "wide", intermediate_size=128)
+    with pytest.raises(ModelSourceError, match=r"gate_proj.weight is \(64, 32\) in the weights but \(128, 32\)"):
+        load_model_and_tokenizer(directory)

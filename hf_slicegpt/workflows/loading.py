@@ -283,6 +283,14 @@ def load_model_and_tokenizer(
                 use_safetensors=True,
                 output_loading_info=True,
             )
+        except ValueError as err:
+            if "does not recognize this architecture" not in str(err):
+                raise
+            raise _unknown_architecture(source) from err
+        except RuntimeError as err:
+            if "ignore_mismatched_sizes" not in str(err) or not path.is_dir():
+                raise
+            raise _shape_mismatch(path) from err
         except OSError as err:
             hint = " (offline? pass a local directory or a .gguf file)" if not path.exists() else ""
             if "safetensors" in str(err):
@@ -313,6 +321,42 @@ def load_model_and_tokenizer(
         model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _unknown_architecture(source: str) -> ModelSourceError:
+    """A model type transformers does not know: name it and the families hf-slicegpt slices."""
+    import transformers
+
+    from ..adapters import supported_model_types
+
+    path = Path(source) / "config.json"
+    model_type = (json.loads(path.read_text()) if path.is_file() else {}).get("model_type", "?")
+    return ModelSourceError(
+        f"{source!r} has model_type {model_type!r}, an architecture transformers {transformers.__version__} does "
+        f"not know; hf-slicegpt slices {', '.join(supported_model_types())}"
+    )
+
+
+def _shape_mismatch(directory: Path) -> ModelSourceError:
+    """config.json and the weights disagree: name the tensors and both shapes (transformers' own report goes to
+    a log that ``-q`` silences)."""
+    from transformers import AutoConfig
+
+    from ..checkpoint.validation import read_weight_shapes
+
+    stored = read_weight_shapes(directory)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    wrong = [
+        f"{name} is {tuple(stored[name])} in the weights but {tuple(tensor.shape)} by config.json"
+        for name, tensor in skeleton.state_dict().items()
+        if name in stored and tuple(stored[name]) != tuple(tensor.shape)
+    ]
+    shown = "; ".join(wrong[:3]) + (f"; and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    return ModelSourceError(
+        f"{str(directory)!r}: config.json does not match its weights ({shown or 'shapes differ'}); an edited or "
+        "mismatched config.json? Restore the one saved with the weights"
+    )
 
 
 def default_device() -> str:
