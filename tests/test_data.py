@@ -490,3 +490,24 @@ def test_mixed_calibration_draws_each_share_from_its_source(
 def test_mixed_calibration_refuses_bad_fractions(mix: list, match: str) -> None:
     with pytest.raises(DataSourceError, match=match):
         data.mix_counts(8, mix)
+
+
+def test_a_broken_jsonl_file_is_refused_saying_where_it_breaks(tmp_path: Path) -> None:
+    """datasets wraps the parse error in "An error occurred while generating the dataset": the cause is kept."""
+    from hf_slicegpt.workflows.data import DataSourceError, load_text
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n{not json\n')
+    with pytest.raises(DataSourceError, match=r"could not read .*JSON parse error.* in row 1.*valid jsonl"):
+        load_text(str(bad), purpose="calibration")
+
+
+def test_the_quiet_cli_reports_a_broken_jsonl_file_in_one_line(tmp_path: Path) -> None:
+    from cli_helpers import run_cli, save_tiny_checkpoint
+
+    dense = save_tiny_checkpoint(tmp_path / "dense")
+    (tmp_path / "bad.jsonl").write_text('{"text": "hello"}\n{not json\n')
+    proc = run_cli("-q", "slice", dense, "--sparsity", "0.25", "--output", tmp_path / "out",
+                   "--calibration", tmp_path / "bad.jsonl", "--num-samples", "4", "--seq-len", "32", tmp=tmp_path)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "JSON parse error" in proc.stderr and "bad.jsonl" in proc.stderr

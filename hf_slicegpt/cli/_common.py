@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -76,10 +77,13 @@ def configure_logging(*, verbose: bool, quiet: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.WARNING)
     ours = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.getLogger("hf_slicegpt").setLevel(ours)
+    # Quiet: a library's error log only repeats the exception that becomes our one-line message.
     for name in _QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(
-            logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+            logging.INFO if verbose else logging.CRITICAL if quiet else logging.WARNING
         )
+    if quiet:  # `datasets` sets its own level when imported (later, lazily): it reads this variable then
+        os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     if "transformers" in sys.modules or verbose or quiet:
         _configure_transformers(verbose=verbose, quiet=quiet)
 

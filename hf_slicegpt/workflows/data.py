@@ -318,7 +318,13 @@ def _read_utf8(path: Path) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    """The message, with the first cause's when a wrapper says only that something failed (``datasets``'
+    "An error occurred while generating the dataset" over the JSON parse error that says where)."""
+    text = " ".join(str(exc).split())
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+        text += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return text[:300]
 
 
 def _hub_load(path: str, name: str | None, **kwargs: Any) -> Any:
