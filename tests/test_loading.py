@@ -282,5 +282,7 @@ def test_an_architecture_transformers_does_not_know_names_the_families_sliced(tm
 
 def test_a_config_that_disagrees_with_its_weights_names_the_tensors_and_both_shapes(tmp_path: Path) -> None:
     directory = _edited_dense(tmp_path / "wide", intermediate_size=128)
-    with pytest.raises(ModelSourceError, match=r"gate_proj.weight is \(64, 32\) in the weights but \(128, 32\)"):
+    with pytest.raises(
+        ModelSourceError, match=r"gate_proj.weight is \(64, 32\) in the weights but \(128, 32\)"
+    ):
         load_model_and_tokenizer(directory)
