@@ -238,6 +238,11 @@ def test_verbose_traceback_and_usage_errors(
         cli.main(["slice", str(work["dense"]), "--output", str(work["root"] / "x")])
     assert exit_info.value.code == 2 and "--sparsity" in capsys.readouterr().err
     assert not (work["root"] / "x").exists()
+    for command in ("slice", "demo"):  # a percentage is answered with the fraction to pass
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--sparsity", "25%", "--output", str(work["root"] / "x")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "'25%' is a percentage" in err and "e.g. 0.25" in err
 
 
 def test_unsupported_family_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

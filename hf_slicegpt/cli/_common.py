@@ -143,6 +143,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+def sparsity_fraction(text: str) -> float:
+    """argparse type: a number (its range is checked by ``SlicingConfig``); ``25%`` is refused with the fraction."""
+    stripped = text.strip()
+    try:
+        return float(stripped)
+    except ValueError:
+        pass
+    if stripped.endswith("%"):
+        try:
+            percent = float(stripped[:-1])
+        except ValueError:
+            percent = None
+        if percent is not None:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is a percentage; pass the fraction of the hidden size to remove, e.g. {percent / 100:g}"
+            )
+    raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.25, got {text!r}")
+
+
 def human_count(n: int | float) -> str:
     """``134515008`` -> ``134.5M``."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):

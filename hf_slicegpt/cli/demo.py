@@ -14,7 +14,7 @@ from typing import Any
 
 from ..slicing import SlicingConfig
 from ..workflows.pipeline import SliceJob, run_slice
-from ._common import add_parser, positive_int
+from ._common import add_parser, positive_int, sparsity_fraction
 from .slice import format_summary
 
 logger = logging.getLogger("hf_slicegpt.cli")
@@ -41,7 +41,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--output", "-o", default=DEFAULT_OUTPUT, help="where the sliced checkpoint goes")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
     parser.add_argument("--model", default="smollm2", help="model to slice (any slice MODEL works)")
-    parser.add_argument("--sparsity", type=float, default=0.25, help="fraction of the hidden size to remove")
+    parser.add_argument(
+        "--sparsity", type=sparsity_fraction, default=0.25, help="fraction of the hidden size to remove"
+    )
     parser.add_argument(
         "--calibration", default="pydocs", metavar="SOURCE", help="calibration and held-out text"
     )

@@ -21,6 +21,7 @@ from ._common import (
     add_text_source_options,
     human_bytes,
     positive_int,
+    sparsity_fraction,
 )
 
 logger = logging.getLogger("hf_slicegpt.cli")
@@ -206,7 +207,10 @@ def register(subparsers: Any) -> None:
         "model", metavar="MODEL", help="hub id, local checkpoint directory, .gguf file, or smollm2"
     )
     parser.add_argument(
-        "--sparsity", type=float, required=True, help="fraction of the hidden size to remove, in [0, 1)"
+        "--sparsity",
+        type=sparsity_fraction,
+        required=True,
+        help="fraction of the hidden size to remove, in [0, 1)",
     )
     parser.add_argument("--output", "-o", required=True, help="directory for the sliced checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --output")
