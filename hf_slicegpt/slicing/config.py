@@ -199,12 +199,14 @@ class SlicingConfig:
                     f"correction_fraction must be in (0, 1] or None (automatic), got {fraction!r}; e.g. 0.25"
                 )
             self.correction_fraction = float(fraction)
-        if (
-            self.correction == "none"
-        ):  # settings of a correction that does not run would be recorded as if used
-            unused = [name for name, is_set in (("correction_shortcuts", self.correction_shortcuts),
-                      ("correction_fraction", fraction is not None),
-                      ("correction_basis", self.correction_basis != "sliced")) if is_set]  # fmt: skip
+        # Settings of a correction that does not run would be recorded as if they had been used.
+        if self.correction == "none":
+            settings = {
+                "correction_shortcuts": self.correction_shortcuts,
+                "correction_fraction": fraction is not None,
+                "correction_basis": self.correction_basis != "sliced",
+            }
+            unused = [name for name, is_set in settings.items() if is_set]
             if unused:
                 raise SlicingError(
                     f"{', '.join(unused)} set with correction='none', which runs no correction; drop "
