@@ -86,6 +86,14 @@ def test_a_slice_job_names_a_bad_field_when_it_is_made(field, value, message) ->
         SliceJob(**fields)
 
 
+def test_a_field_set_after_the_job_was_made_is_checked_when_it_runs(tmp_path: Path) -> None:
+    job = SliceJob("no/such/model", str(tmp_path / "out"), SlicingConfig(sparsity=0.25))
+    job.export = "gguf"
+    with pytest.raises(ValueError, match="export must be 'sliced' or 'native', got 'gguf'"):
+        run_slice(job, show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_slice_job_takes_a_sparsity_and_a_torch_dtype_as_slice_model_does() -> None:
     import torch
 

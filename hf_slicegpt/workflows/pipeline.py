@@ -77,7 +77,11 @@ class SliceJob:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        """Check the fields' types here, so that a mistake fails at once, naming the field, not after slicing.
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields, naming the bad one: when the job is made, and again when it runs (a field may have
+        been set since), so that a mistake fails at once, not after slicing.
 
         A sparsity in place of the config becomes ``SlicingConfig(sparsity=...)``, as in ``slice_model``; a
         ``torch.dtype`` becomes its name, as the report records it.
@@ -174,18 +178,16 @@ def _timer() -> tuple[dict[str, float], Any]:
 
 
 def _check_job(job: SliceJob) -> Any:
-    """The checks that need no model: output directory, broad mix, augmentation, export and path options.
+    """The checks that need no model: the job's fields, output directory, augmentation, export and path options.
 
     Returns the parsed ``--calibration-augment``.
     """
     from ..checkpoint.io import check_output_dir
     from .augment import parse_augment
 
+    job.validate()
     check_output_dir(job.output, job.overwrite, inputs=[job.model, job.calibration])
-    check_broad_mix(job.broad_mix)
     augment = parse_augment(job.calibration_augment)
-    if job.export not in ("sliced", "native"):
-        raise ValueError(f"--export must be 'sliced' or 'native', got {job.export!r}")
     if job.export == "native" and job.config.rotation != "global":
         raise ValueError(
             "--export native writes the family's own architecture, which needs one basis everywhere: "
