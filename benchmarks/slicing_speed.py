@@ -42,10 +42,13 @@ PHASES = [
     ("block compute (attention + MLP at sliced width)", [("signals.py", "attention"), ("modeling_llama.py", "forward")]),
     ("covariance sums", [("pca.py", "add")]),
     ("eigendecompositions", [("pca.py", "eigenbasis")]),
-    ("signal rotations (expand to full width, rotate back)", [("signals.py", "expand"), ("signals.py", "rotate_signals")]),
-    ("weight rotations (fold, rotate, shortcuts)", [
+    # (a plain update sums in its input basis's frame and expands nothing; the correction's updates expand)
+    ("signal rotations (expand to full width or make frames, rotate back)", [
+        ("signals.py", "expand"), ("signals.py", "signal_frame"), ("signals.py", "rotate_signals"),
+    ]),
+    ("weight rotations (fold, rotate, shortcuts, writers into frames)", [
         ("rotate.py", "rotate_readers"), ("rotate.py", "rotate_writer"), ("rotate.py", "shortcut"),
-        ("rotate.py", "center_writer_module"),
+        ("rotate.py", "center_writer_module"), ("rotate.py", "writers_in_frame"),
     ]),
     ("embeddings, masks, rotary tables", [("signals.py", "embed_calibration")]),
     ("correction: dense stream (dense block forwards)", [("refit.py", "dense_targets")]),

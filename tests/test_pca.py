@@ -157,3 +157,18 @@ def test_all_reduce_without_distributed_is_a_no_op() -> None:
     cov.all_reduce()
     cov.all_reduce()
     assert torch.equal(cov.sum, before) and cov.tokens == 2
+
+
+def test_a_frame_gives_the_eigenbasis_in_the_streams_coordinates() -> None:
+    """Signals summed as ``y = x F`` decompose to the eigenvectors of ``x``'s own sum, signs fixed the same way."""
+    x = _signal()
+    frame = torch.linalg.qr(
+        torch.randn(12, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    )[0]
+    plain, framed = Covariance(12), Covariance(12, frame=frame)
+    plain.add(x)
+    framed.add(x @ frame)
+    values, vectors = eigenbasis(plain)
+    framed_values, framed_vectors = eigenbasis(framed)
+    assert torch.allclose(framed_values, values, rtol=0, atol=1e-12 * float(values[0]))
+    assert torch.allclose(framed_vectors, vectors, rtol=0, atol=1e-8)

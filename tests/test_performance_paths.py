@@ -6,7 +6,9 @@
 - resumable slicing: an interrupted run (an exception, or SIGKILL of a subprocess) resumed from its partial
   state writes a checkpoint bit-identical to an uninterrupted run's; a state from other settings is refused;
 - data-parallel calibration: 2 processes (torchrun, gloo) give the same weights as 1 (relative diff < 1e-6);
-- mixed-precision covariance sums agree with float64 ones.
+- mixed-precision covariance sums agree with float64 ones;
+- a plain update computed in the frame of its input basis (no expansion to full width) gives the model of the
+  expanded stream.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import calibration, make_tiny
+from tiny import FAMILIES, calibration, make_tiny
 from transformers import AutoModelForCausalLM
 
 import hf_slicegpt
@@ -31,7 +33,7 @@ from hf_slicegpt import slicing
 from hf_slicegpt.runtime.offload import OffloadError
 from hf_slicegpt.runtime.resume import ResumeError
 from hf_slicegpt.runtime.streaming import slice_checkpoint, staging_dir
-from hf_slicegpt.slicing import InMemoryLayers
+from hf_slicegpt.slicing import InMemoryLayers, SlicingHooks, refit
 from hf_slicegpt.slicing.pca import Covariance, NonFiniteSignalError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +84,36 @@ def test_bad_offload_names_the_choices():
         hf_slicegpt.slice_model(
             make_tiny("llama"), calibration(4, 8), 0.25, offload="gpu", show_progress=False
         )
+
+
+# -- plain updates in the frame of their input basis ------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_updates_in_the_input_frame_give_the_model_of_the_expanded_stream(family, monkeypatch):
+    """The frame path changes rounding only: the same logits as expanding each sliced input to full width.
+
+    A ``covariance`` hook (here the identity) makes the loop sum in the stream's own coordinates, as hooks see
+    them; so one run expands and the other does not, which the spy on ``expand`` confirms.
+    """
+    dense = make_tiny(family, seed=0)
+    ids, probe = calibration(16, 16, seed=1), calibration(2, 16, seed=7)
+    expanded: list[int] = []
+    real_expand = refit.expand
+    monkeypatch.setattr(refit, "expand", lambda *a: expanded.append(1) or real_expand(*a))
+    config = slicing.SlicingConfig(sparsity=0.25, correction="none")
+
+    def sliced(hooks=None) -> torch.Tensor:
+        model = hf_slicegpt.slice_model(
+            copy.deepcopy(dense), ids, config, batch_size=4, show_progress=False, hooks=hooks
+        )
+        with torch.no_grad():
+            return model(probe).logits.double()
+
+    framed = sliced()
+    assert not expanded
+    plain = sliced(SlicingHooks(covariance=lambda name, cov, signals, masks: cov))
+    assert expanded
+    rel = float((framed - plain).norm() / plain.norm())
+    assert rel < 1e-5, f"{family}: the framed run's logits differ by {rel:.1e}"
 
 
 # -- mixed-precision covariance -------------------------------------------------------------------------------
@@ -201,6 +233,29 @@ def test_resume_after_an_interruption_is_bit_identical(reference, tmp_path):
         )
 
 
+def test_a_plain_run_resumes_bit_identically_in_the_saved_frame(tmp_path):
+    """Without the correction each update sums in the frame of its input basis; the frame is saved with the
+    state, so a resumed run sums exactly as the uninterrupted one (a frame rebuilt from the basis would not)."""
+    dense = make_tiny("llama", seed=0, num_hidden_layers=4)
+    ids = calibration(16, 16, seed=1)
+    config = slicing.SlicingConfig(sparsity=0.25, correction="none")
+    expected = _state(
+        hf_slicegpt.slice_model(copy.deepcopy(dense), ids, config, batch_size=4, show_progress=False)
+    )
+    state, first = tmp_path / "state", copy.deepcopy(dense)
+    with pytest.raises(_Interrupt):
+        hf_slicegpt.slice_model(
+            first, ids, config, batch_size=4, checkpoint_dir=state, checkpoint_every=1, show_progress=False,
+            source=_CountingLayers(first, stop_at=2),
+        )  # fmt: skip
+    second = copy.deepcopy(dense)
+    resumed = hf_slicegpt.slice_model(
+        second, ids, config, batch_size=4, checkpoint_dir=state, resume=True, show_progress=False,
+        source=_CountingLayers(second),
+    )  # fmt: skip
+    _assert_same(_state(resumed), expected)
+
+
 def test_resume_needs_a_checkpoint_dir():
     with pytest.raises(slicing.SlicingError, match="checkpoint_dir"):
         hf_slicegpt.slice_model(make_tiny("llama"), calibration(4, 8), 0.25, resume=True, show_progress=False)
@@ -268,7 +323,7 @@ import sys, torch
 from safetensors.torch import save_file
 from hf_slicegpt import slice_model
 from hf_slicegpt.runtime import distributed
-from tiny import calibration, make_tiny
+from tiny import FAMILIES, calibration, make_tiny
 distributed.init_from_environment("cpu")
 sliced = slice_model(make_tiny("llama", seed=0, num_hidden_layers=3), calibration(32, 16, seed=3), 0.25,
                      batch_size=4, show_progress=False)

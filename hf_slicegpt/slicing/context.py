@@ -100,6 +100,8 @@ class SlicingRun:
     layer_kinds: list[str] = field(default_factory=list)
     partial: PartialState | None = None
     q_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the last basis kept, with all the eigenvectors it was cut from (its frame: ``signals.signal_frame``)
+    frame_cache: tuple[torch.Tensor, torch.Tensor] | None = None
     corrections: list[dict[str, Any]] = field(default_factory=list)  # one entry per corrected update
 
     @property

@@ -145,7 +145,7 @@ def _sequential_block(run: SlicingRun, idx: int, layer, attn, mlp, q_in, calib: 
     if calib.needed:
         # Drop each activation set as soon as it is used: at most one full-width set is alive.
         if pending is None:
-            calib.signals = rotate_signals(run, full, q_mid)
+            calib.signals = rotate_signals(run, full.signals, q_mid, full.frame)
         full = None
         attn_shortcut = _advance(run, calib, pending, q_mid, attn_shortcut)
         full, pending = update_pass(
@@ -199,7 +199,7 @@ def slice_block(run: SlicingRun, idx: int, q_in: torch.Tensor, calib: _Calibrati
     block, q_out, full = step(run, idx, layer, attn, mlp, q_in, calib, mid_targets)
     if full is not None:  # (a corrected block has already carried its signals forward)
         calib.signals = None  # the block input is used up
-        calib.signals = rotate_signals(run, full, q_out)
+        calib.signals = rotate_signals(run, full.signals, q_out, full.frame)
     del full, mid_targets
     return block, q_out
 

@@ -33,16 +33,27 @@ class Covariance:
     float32 product overflows is redone in float64, so the two agree on what counts as non-finite. The mixed
     path also uses the symmetry: it multiplies the three blocks ``A^T A``, ``A^T B``, ``B^T B`` of the column
     halves ``[A B]`` (3/4 of the work) and mirrors ``B^T A`` when :attr:`sum` is read.
+
+    With a ``frame`` (an orthogonal ``(width, width)`` float64 matrix ``F``), the signals added are ``y = x F``
+    for the stream's ``x``: :attr:`sum` is then ``F^T (sum X^T X) F``, and :func:`eigenbasis` returns
+    eigenvectors in the stream's coordinates. The loop sums a residual in the frame of its input basis, which
+    spares expanding the sliced input to full width (see :func:`~hf_slicegpt.slicing.signals.signal_frame`).
     """
 
     def __init__(
-        self, width: int, device: torch.device | str = "cpu", name: str = "signal", precision: str = "mixed"
+        self,
+        width: int,
+        device: torch.device | str = "cpu",
+        name: str = "signal",
+        precision: str = "mixed",
+        frame: torch.Tensor | None = None,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"covariance precision must be one of {PRECISIONS}, got {precision!r}")
         self.width = width
         self.name = name
         self.precision = precision
+        self.frame = frame
         self._sum = torch.zeros(width, width, dtype=torch.float64, device=device)
         self._split = width // 2
         self._mirror = False  # the lower-left block is stale until the next read of ``sum``
@@ -155,7 +166,8 @@ def eigenbasis(cov: Covariance, damping: float = 0.01) -> tuple[torch.Tensor, to
 
     A multiple of the identity (``damping`` times the mean eigenvalue, as in the paper) is added so that
     rank-deficient covariances decompose stably; it changes no eigenvector. Each eigenvector's sign is fixed
-    (largest entry positive) so that the basis is reproducible.
+    (largest entry positive, in the stream's coordinates when the covariance has a frame) so that the basis is
+    reproducible.
     """
     matrix = cov.sum.detach().to("cpu", torch.float64)
     if not torch.isfinite(matrix).all():
@@ -181,6 +193,8 @@ def eigenbasis(cov: Covariance, damping: float = 0.01) -> tuple[torch.Tensor, to
         values, vectors = torch.linalg.eigh(matrix)
     order = torch.argsort(values, descending=True)
     values, vectors = values[order] - damping * mean_diag, vectors[:, order]
+    if cov.frame is not None:  # y = x F, so an eigenvector v of the frame's sum is F v in the stream's
+        vectors = cov.frame.to("cpu", torch.float64) @ vectors
     signs = torch.sign(vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True)))
     signs[signs == 0] = 1
     return values.clamp_min(0), vectors * signs

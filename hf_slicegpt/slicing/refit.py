@@ -30,8 +30,8 @@ from .config import CORRECTION_TOKENS
 from .context import SlicingRun
 from .correction import SplitEquations, split_theta, with_bias
 from .pca import Covariance
-from .rotate import replace_module, to_linear
-from .signals import block_output, drain, expand, layer_kwargs, new_store
+from .rotate import replace_module, to_linear, writers_in_frame
+from .signals import Residual, block_output, drain, expand, layer_kwargs, new_store, signal_frame
 from .statistics import new_covariance
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,24 @@ def _updated(run: SlicingRun, x: torch.Tensor, kwargs: dict[str, Any], q_from: t
     return out
 
 
+def _framed(x: torch.Tensor, kwargs: dict[str, Any], branch) -> torch.Tensor:
+    """The same residual in the frame of ``q_from`` (the writers write into it): ``[x, 0] + branch(x)``."""
+    out = None
+    for term in branch(x, kwargs):
+        out = term.to(torch.float32) if out is None else out + term
+    out[..., : x.shape[-1]] += x
+    return out
+
+
+def _frame(run: SlicingRun, q_from: torch.Tensor) -> torch.Tensor | None:
+    """The frame a plain update is computed in: ``q_from``'s, for float32/float64 runs without a
+    ``covariance`` hook (hooks see the stream's coordinates; a half-precision writer would round the rotated
+    weights)."""
+    if run.hooks.covariance is not None or run.dtype not in (torch.float32, torch.float64):
+        return None
+    return signal_frame(run, q_from)
+
+
 @torch.no_grad()
 def dense_targets(
     run: SlicingRun, layer: nn.Module, idx: int, stream: DenseStream, kwargs: list[dict[str, Any]]
@@ -143,13 +161,20 @@ def update_pass(
     writers: Writers,
     stream: DenseStream | None,
     targets: ActivationStore | None,
-) -> tuple[ActivationStore, PendingUpdate | None]:
+) -> tuple[Residual, PendingUpdate | None]:
     """``x q_from^T + branch(x)`` per batch (the residual after one update, full width; the branch's terms are
-    added in order); with the correction, also each writer's input and the normal equations against the target."""
+    added in order); with the correction, also each writer's input and the normal equations against the target.
+
+    A plain update is computed in the frame of ``q_from`` (:class:`~.signals.Residual`); a corrected one in
+    the stream's coordinates, as its dense targets are."""
     if stream is None or targets is None:
-        return drain(
-            run, (_updated(run, x, kw, q_from, branch) for x, kw in zip(calib.signals, calib.kwargs))
-        ), None
+        frame = _frame(run, q_from)
+        with writers_in_frame(writers, frame, run.dtype, run.device):
+            if frame is None:
+                batches = (_updated(run, x, kw, q_from, branch) for x, kw in zip(calib.signals, calib.kwargs))
+            else:
+                batches = (_framed(x, kw, branch) for x, kw in zip(calib.signals, calib.kwargs))
+            return Residual(drain(run, batches), frame), None
     modules = [parent.get_submodule(writer) for parent, writer in writers]
     bias = any(m.bias is not None for m in modules)
     # The sliced input is a feature only when the shortcut is refit; otherwise its plain term stays in `out`.
@@ -186,7 +211,7 @@ def update_pass(
     finally:
         for handle in handles:
             handle.remove()
-    return full, pending
+    return Residual(full), pending
 
 
 def _prior(pending: PendingUpdate, modules: list[nn.Module], shortcut: nn.Linear | None) -> torch.Tensor:

@@ -6,6 +6,8 @@ helpers convert each linear once, apply folding, centring and rotation, and writ
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -105,6 +107,29 @@ def rotate_writer(parent: nn.Module, name: str, q: torch.Tensor, dtype: torch.dt
     """Make ``parent.<name>`` write into the basis ``q``."""
     weight, bias = _float64(parent.get_submodule(name))
     replace_module(parent, name, to_linear(q.T @ weight, None if bias is None else q.T @ bias, dtype, device))
+
+
+@contextlib.contextmanager
+def writers_in_frame(
+    writers: list[tuple[nn.Module, str]], frame: torch.Tensor | None, dtype: torch.dtype, device: Any
+) -> Iterator[None]:
+    """Within the block, each writer writes ``y F`` (``F = frame``) instead of ``y``; its own weights come back
+    after, to be rotated from them. (In float32 for a float32 model: these outputs feed float32 statistics.)"""
+    if frame is None:
+        yield
+        return
+    originals = [(parent, name, parent.get_submodule(name)) for parent, name in writers]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    f = frame.to(device=device, dtype=work)
+    try:
+        for parent, name, linear in originals:
+            weight = f.T @ linear.weight.detach().to(device, work)
+            bias = None if linear.bias is None else linear.bias.detach().to(device, work) @ f
+            replace_module(parent, name, to_linear(weight, bias, dtype, device))
+        yield
+    finally:
+        for parent, name, linear in originals:
+            replace_module(parent, name, linear)
 
 
 def shortcut(q_from: torch.Tensor, q_to: torch.Tensor, dtype: torch.dtype, device: Any) -> nn.Linear | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,8 +109,38 @@ def expand(run: SlicingRun, signal: torch.Tensor, q: torch.Tensor) -> torch.Tens
     return signal.to(torch.float32) @ run.q_cache[1]
 
 
-def rotate_signals(run: SlicingRun, signals: ActivationStore, q: torch.Tensor) -> ActivationStore:
-    """Every batch of ``signals`` in the basis ``q`` (full width in, ``q``'s width out)."""
+@dataclass
+class Residual:
+    """The residual stream after one update, at full width: ``signals`` hold ``y = x F`` for the stream's ``x``,
+    where ``F`` is ``frame`` (``None``: the stream's own coordinates, ``F = I``).
+
+    In the frame of the update's input basis ``q`` (:func:`signal_frame`), the sliced input ``x_q`` is
+    ``[x_q, 0]`` and needs no expansion ``x_q q^T`` (one ``n x d x D`` product per update, half of the signal
+    rotations): the writers write into the frame instead, at no extra cost per token.
+    """
+
+    signals: ActivationStore
+    frame: torch.Tensor | None = None
+
+
+def signal_frame(run: SlicingRun, q: torch.Tensor) -> torch.Tensor:
+    """An orthogonal ``(D, D)`` float64 matrix whose first columns are ``q``: the eigenvectors ``q`` was kept
+    from, or ``q`` completed by a QR decomposition (a basis from a hook, or restored on resume)."""
+    if run.frame_cache is not None and run.frame_cache[0] is q:
+        return run.frame_cache[1]
+    q64 = q.to("cpu", torch.float64)
+    complete = torch.linalg.qr(q64, mode="complete")[0]
+    frame = torch.cat([q64, complete[:, q.shape[1] :]], dim=1)
+    run.frame_cache = (q, frame)
+    return frame
+
+
+def rotate_signals(
+    run: SlicingRun, signals: ActivationStore, q: torch.Tensor, frame: torch.Tensor | None = None
+) -> ActivationStore:
+    """Every batch of ``signals`` (full width, in ``frame``) in the basis ``q`` (``q``'s width out)."""
+    if frame is not None:
+        q = frame.T @ q.to("cpu", torch.float64)
     q32 = q.to(device=run.device, dtype=torch.float32)
     return drain(run, ((s.to(torch.float32) @ q32).to(run.dtype) for s in signals))
 
@@ -128,6 +159,7 @@ def mlp_module(run: SlicingRun, layer: nn.Module) -> nn.Module:
 
 
 __all__ = [
+    "Residual",
     "attention",
     "block_output",
     "drain",
@@ -137,5 +169,6 @@ __all__ = [
     "mlp_module",
     "new_store",
     "rotate_signals",
+    "signal_frame",
     "unit_rms",
 ]

@@ -15,7 +15,7 @@ from .context import SignalStats, SlicingRun
 from .plan import WidthPlan
 from .refit import DenseStream, correcting, fit_batches
 from .rotate import replace_module, to_linear
-from .signals import drain, mlp_module
+from .signals import drain, mlp_module, signal_frame
 from .source import SlicedBlock
 from .statistics import next_basis
 
@@ -122,6 +122,8 @@ def restore_layers(run: SlicingRun, record: dict[str, Any], need_signals: bool, 
     else:
         saved = run.partial.load_tensors(record, "cpu")
         q_embed, q_in = saved["q_embed"], saved["q_in"]
+        if "q_in_frame" in saved:  # the next update's frame, as the uninterrupted run has it
+            run.frame_cache = (q_in, saved["q_in_frame"])
     for idx in range(start):
         tensors = run.partial.read_layer(idx, run.home, meta=run.source.restore_meta)
         block = restore_block(run, idx, tensors)
@@ -144,6 +146,8 @@ def save_checkpoint(run: SlicingRun, done: int, n: int, q_embed, q_in, signals, 
     tensors = {"q_embed": q_embed.clone(), "q_in": q_in.clone()}
     if run.global_basis is not None:
         tensors["global_basis"] = run.global_basis.clone()
+    elif done < n:  # the frame the next update sums in (signals.signal_frame): a resumed run must sum alike
+        tensors["q_in_frame"] = signal_frame(run, q_in).clone()
     plan = run.plan
     info: dict[str, Any] = {
         "plan": {

@@ -16,18 +16,30 @@ from tqdm.auto import tqdm
 from .context import SignalStats, SlicingRun
 from .pca import Covariance, eigenbasis
 from .rotate import center_rows, embedding_scale
-from .signals import Masks, block_output, drain, embed_calibration, layer_kwargs, unit_rms
+from .signals import Masks, Residual, block_output, drain, embed_calibration, layer_kwargs, unit_rms
 
 logger = logging.getLogger(__name__)
 
 
-def new_covariance(run: SlicingRun, name: str) -> Covariance:
-    return Covariance(run.hidden, device=run.device, name=name, precision=run.config.covariance_precision)
+def new_covariance(run: SlicingRun, name: str, frame: torch.Tensor | None = None) -> Covariance:
+    return Covariance(
+        run.hidden, device=run.device, name=name, precision=run.config.covariance_precision, frame=frame
+    )
 
 
-def covariance(run: SlicingRun, signals: Sequence[torch.Tensor], masks: Masks, name: str) -> Covariance:
-    """``sum X^T X`` of a signal over this rank's unpadded calibration tokens, through the ``covariance`` hook."""
-    cov = new_covariance(run, name)
+def covariance(
+    run: SlicingRun,
+    signals: Sequence[torch.Tensor],
+    masks: Masks,
+    name: str,
+    frame: torch.Tensor | None = None,
+) -> Covariance:
+    """``sum X^T X`` of a signal over this rank's unpadded calibration tokens, through the ``covariance`` hook.
+
+    ``frame``: the signals' coordinates (:class:`~hf_slicegpt.slicing.pca.Covariance`); the loop uses frames
+    only where no ``covariance`` hook is set, since hooks see the stream's own coordinates.
+    """
+    cov = new_covariance(run, name, frame)
     for signal, mask in zip(signals, masks):
         cov.add(signal, mask)
     return run.hooks.covariance(name, cov, signals, masks) if run.hooks.covariance else cov
@@ -42,20 +54,29 @@ def basis(run: SlicingRun, cov: Covariance, width: int) -> torch.Tensor:
     run.stats.append(SignalStats(cov.name, cov.width, width, explained, values.tolist()))
     if run.hooks.basis is not None:
         return run.hooks.basis(cov.name, values, vectors, width).contiguous()
-    return vectors[:, :width].contiguous()
+    return _kept(run, vectors, width)
 
 
-def next_basis(
-    run: SlicingRun, signals: Sequence[torch.Tensor] | None, masks, name: str, width: int
-) -> torch.Tensor:
+def _kept(run: SlicingRun, vectors: torch.Tensor, width: int) -> torch.Tensor:
+    """The leading ``width`` eigenvectors; all of them are kept as the frame of the signal in that basis."""
+    q = vectors[:, :width].contiguous()
+    run.frame_cache = (q, vectors)
+    return q
+
+
+def next_basis(run: SlicingRun, full: Residual | None, masks, name: str, width: int) -> torch.Tensor:
     """The basis of the next signal: from its covariance, or a slice of the global basis."""
     if run.global_basis is not None:
         # The same tensor object for the same width, so shortcuts between equal bases become identities.
         return run.global_slices.setdefault(width, run.global_basis[:, :width].contiguous())
-    return basis(run, covariance(run, signals, masks, name), width)
+    if full is None:
+        raise ValueError(f"{name}: a per-layer basis needs the signal it is computed from")
+    return basis(run, covariance(run, full.signals, masks, name, full.frame), width)
 
 
-def check_shared_mid(run: SlicingRun, idx: int, full, masks: Masks, q_in: torch.Tensor) -> torch.Tensor:
+def check_shared_mid(
+    run: SlicingRun, idx: int, full: Residual, masks: Masks, q_in: torch.Tensor
+) -> torch.Tensor:
     """Keep the planned shared mid basis only where it holds the attention output about as well as its own.
 
     A shared basis projects the attention's contribution onto the block input's principal subspace. Where the
@@ -66,11 +87,13 @@ def check_shared_mid(run: SlicingRun, idx: int, full, masks: Masks, q_in: torch.
     own basis and one shortcut matrix (a few more parameters, recorded in the plan).
     """
     width = q_in.shape[1]
-    cov = covariance(run, full, masks, f"layer {idx} attention output")
+    cov = covariance(run, full.signals, masks, f"layer {idx} attention output", full.frame)
     cov.all_reduce()
     values, vectors = eigenbasis(cov)
-    matrix = cov.sum.detach().to("cpu", torch.float64)
+    matrix = cov.sum.detach().to("cpu", torch.float64)  # in the signal's frame, as is q below
     q = q_in.to("cpu", torch.float64)
+    if full.frame is not None:
+        q = full.frame.T @ q
     total = float(matrix.diagonal().sum())
     lost_shared = max(total - float((q * (matrix @ q)).sum()), 0.0)
     lost_own = float(values[width:].sum())
@@ -87,7 +110,7 @@ def check_shared_mid(run: SlicingRun, idx: int, full, masks: Masks, q_in: torch.
     run.plan.mids[idx] = width
     explained = 1.0 - lost_own / total if total > 0 else 1.0
     run.stats.append(SignalStats(cov.name, cov.width, width, explained, values.tolist()))
-    return vectors[:, :width].contiguous()
+    return _kept(run, vectors, width)
 
 
 def add_vocab_prior(run: SlicingRun, cov: Covariance, per_token: bool = False) -> None:
