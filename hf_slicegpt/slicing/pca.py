@@ -82,7 +82,7 @@ class Covariance:
         if x.numel() == 0:
             return
         x = x.to(self._sum.device)
-        if self.precision == "float64" or x.dtype == torch.float64 or _reduced_float32(x.device):
+        if self.precision == "float64" or x.dtype == torch.float64 or reduced_float32(x.device):
             self._add64(x)
         else:
             x = x.to(torch.float32)  # bf16/fp16 signals: products in float32, never in the half dtype
@@ -131,7 +131,7 @@ class Covariance:
         self.reduced = True
 
 
-def _reduced_float32(device: torch.device) -> bool:
+def reduced_float32(device: torch.device) -> bool:
     """Whether float32 matmuls may run in TF32 here (then the mixed path would lose its precision)."""
     return device.type == "cuda" and (
         torch.get_float32_matmul_precision() != "highest" or torch.backends.cuda.matmul.allow_tf32

@@ -31,7 +31,7 @@ from .context import SlicingRun
 from .correction import SplitEquations, split_theta, with_bias
 from .pca import Covariance
 from .rotate import replace_module, to_linear, writers_in_frame
-from .signals import Residual, block_output, drain, expand, layer_kwargs, new_store, signal_frame
+from .signals import Residual, block_output, drain, expand, layer_kwargs, new_store, update_frame
 from .statistics import new_covariance
 
 logger = logging.getLogger(__name__)
@@ -107,21 +107,13 @@ def _updated(run: SlicingRun, x: torch.Tensor, kwargs: dict[str, Any], q_from: t
 
 
 def _framed(x: torch.Tensor, kwargs: dict[str, Any], branch) -> torch.Tensor:
-    """The same residual in the frame of ``q_from`` (the writers write into it): ``[x, 0] + branch(x)``."""
+    """The same residual in the frame of ``q_from`` (the writers write into it): ``[x, 0] + branch(x)``, in at
+    least float32 (a float64 run keeps float64, as ``x q_from^T + branch(x)`` promotes to it)."""
     out = None
     for term in branch(x, kwargs):
-        out = term.to(torch.float32) if out is None else out + term
+        out = term.to(torch.promote_types(term.dtype, torch.float32)) if out is None else out + term
     out[..., : x.shape[-1]] += x
     return out
-
-
-def _frame(run: SlicingRun, q_from: torch.Tensor) -> torch.Tensor | None:
-    """The frame a plain update is computed in: ``q_from``'s, for float32/float64 runs without a
-    ``covariance`` hook (hooks see the stream's coordinates; a half-precision writer would round the rotated
-    weights)."""
-    if run.hooks.covariance is not None or run.dtype not in (torch.float32, torch.float64):
-        return None
-    return signal_frame(run, q_from)
 
 
 @torch.no_grad()
@@ -165,10 +157,10 @@ def update_pass(
     """``x q_from^T + branch(x)`` per batch (the residual after one update, full width; the branch's terms are
     added in order); with the correction, also each writer's input and the normal equations against the target.
 
-    A plain update is computed in the frame of ``q_from`` (:class:`~.signals.Residual`); a corrected one in
-    the stream's coordinates, as its dense targets are."""
+    A plain update is summed in the frame of ``q_from`` where :func:`~.signals.update_frame` gives one
+    (:class:`~.signals.Residual`); a corrected one in the stream's coordinates, as its dense targets are."""
     if stream is None or targets is None:
-        frame = _frame(run, q_from)
+        frame = update_frame(run, q_from)
         with writers_in_frame(writers, frame, run.dtype, run.device):
             if frame is None:
                 batches = (_updated(run, x, kw, q_from, branch) for x, kw in zip(calib.signals, calib.kwargs))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..adapters import FamilyAdapter
+from .pca import reduced_float32
 
 
 def norm_parameters(
@@ -114,12 +115,13 @@ def writers_in_frame(
     writers: list[tuple[nn.Module, str]], frame: torch.Tensor | None, dtype: torch.dtype, device: Any
 ) -> Iterator[None]:
     """Within the block, each writer writes ``y F`` (``F = frame``) instead of ``y``; its own weights come back
-    after, to be rotated from them. (In float32 for a float32 model: these outputs feed float32 statistics.)"""
+    after, to be rotated from them. (In float32 for a float32 model, as these outputs feed float32 statistics;
+    in float64 for a float64 model, or where float32 products would run in TF32.)"""
     if frame is None:
         yield
         return
     originals = [(parent, name, parent.get_submodule(name)) for parent, name in writers]
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = torch.float64 if dtype == torch.float64 or reduced_float32(torch.device(device)) else torch.float32
     f = frame.to(device=device, dtype=work)
     try:
         for parent, name, linear in originals:

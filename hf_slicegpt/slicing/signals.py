@@ -123,12 +123,25 @@ class Residual:
     frame: torch.Tensor | None = None
 
 
-def signal_frame(run: SlicingRun, q: torch.Tensor) -> torch.Tensor:
+def update_frame(run: SlicingRun, q: torch.Tensor) -> torch.Tensor | None:
+    """The frame a plain update from the basis ``q`` is summed in, or ``None`` where it expands instead: with a
+    ``covariance`` hook (hooks see the stream's coordinates), in half precision (a rotated half-precision writer
+    would round), or for a ``q`` without orthonormal columns (a ``basis`` hook may return one)."""
+    if run.hooks.covariance is not None or run.dtype not in (torch.float32, torch.float64):
+        return None
+    return signal_frame(run, q)
+
+
+def signal_frame(run: SlicingRun, q: torch.Tensor) -> torch.Tensor | None:
     """An orthogonal ``(D, D)`` float64 matrix whose first columns are ``q``: the eigenvectors ``q`` was kept
-    from, or ``q`` completed by a QR decomposition (a basis from a hook, or restored on resume)."""
+    from, or else ``q`` completed by a QR decomposition (a basis from a hook, or an older resumable state that
+    saved no frame); ``None`` if ``q``'s columns are not orthonormal, which no frame can start with."""
     if run.frame_cache is not None and run.frame_cache[0] is q:
         return run.frame_cache[1]
     q64 = q.to("cpu", torch.float64)
+    eye = torch.eye(q.shape[1], dtype=torch.float64)
+    if not torch.allclose(q64.T @ q64, eye, rtol=0, atol=1e-6):
+        return None
     complete = torch.linalg.qr(q64, mode="complete")[0]
     frame = torch.cat([q64, complete[:, q.shape[1] :]], dim=1)
     run.frame_cache = (q, frame)
@@ -170,5 +183,6 @@ __all__ = [
     "new_store",
     "rotate_signals",
     "signal_frame",
+    "update_frame",
     "unit_rms",
 ]

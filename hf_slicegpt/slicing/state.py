@@ -15,7 +15,7 @@ from .context import SignalStats, SlicingRun
 from .plan import WidthPlan
 from .refit import DenseStream, correcting, fit_batches
 from .rotate import replace_module, to_linear
-from .signals import drain, mlp_module, signal_frame
+from .signals import drain, mlp_module, update_frame
 from .source import SlicedBlock
 from .statistics import next_basis
 
@@ -146,8 +146,10 @@ def save_checkpoint(run: SlicingRun, done: int, n: int, q_embed, q_in, signals, 
     tensors = {"q_embed": q_embed.clone(), "q_in": q_in.clone()}
     if run.global_basis is not None:
         tensors["global_basis"] = run.global_basis.clone()
-    elif done < n:  # the frame the next update sums in (signals.signal_frame): a resumed run must sum alike
-        tensors["q_in_frame"] = signal_frame(run, q_in).clone()
+    elif done < n and not correcting(run):
+        frame = update_frame(run, q_in)  # the frame the next update sums in: a resumed run must sum alike
+        if frame is not None:
+            tensors["q_in_frame"] = frame.clone()
     plan = run.plan
     info: dict[str, Any] = {
         "plan": {
