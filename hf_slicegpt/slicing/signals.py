@@ -183,6 +183,6 @@ __all__ = [
     "new_store",
     "rotate_signals",
     "signal_frame",
-    "update_frame",
     "unit_rms",
+    "update_frame",
 ]
