@@ -365,7 +365,7 @@ from hf_slicegpt.runtime import distributed
 from tiny import FAMILIES, calibration, make_tiny
 distributed.init_from_environment("cpu")
 sliced = slice_model(make_tiny("llama", seed=0, num_hidden_layers=3), calibration(32, 16, seed=3), 0.25,
-                     batch_size=4, show_progress=False)
+                     batch_size=4, correction=sys.argv[2], show_progress=False)
 if distributed.is_main_process():
     save_file({k: v.contiguous() for k, v in sliced.state_dict().items()}, sys.argv[1])
     print("calibration tokens", sliced.config.slicing["calibration_tokens"])
@@ -373,7 +373,10 @@ distributed.destroy()
 """
 
 
-def test_two_processes_give_the_same_weights_as_one(tmp_path):
+@pytest.mark.parametrize(
+    "correction", ["ridge", "none"]
+)  # (plain updates sum in frames; corrected ones expand)
+def test_two_processes_give_the_same_weights_as_one(tmp_path, correction):
     script = tmp_path / "dp.py"
     script.write_text(_DP_SLICE)
     env = {
@@ -382,9 +385,9 @@ def test_two_processes_give_the_same_weights_as_one(tmp_path):
         "OMP_NUM_THREADS": "1",
     }
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors")], env=env,
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.safetensors"), correction], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    two = subprocess.run([*torchrun, str(script), str(tmp_path / "two.safetensors")], env=env,
+    two = subprocess.run([*torchrun, str(script), str(tmp_path / "two.safetensors"), correction], env=env,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
