@@ -113,9 +113,8 @@ def test_updates_in_the_input_frame_give_the_model_of_the_expanded_stream(family
     plain = sliced(SlicingHooks(covariance=lambda name, cov, signals, masks: cov))
     assert expanded
     rel = float((framed - plain).norm() / plain.norm())
-    assert rel < 5e-5, (
-        f"{family}: the framed run's logits differ by {rel:.1e}"
-    )  # rounding: up to ~1.5e-5 seen
+    # rounding only: up to 1.5e-5 was seen (gpt_neox_sequential with mid_basis="shared")
+    assert rel < 5e-5, f"{family}: the framed run's logits differ by {rel:.1e}"
 
 
 def test_a_float64_run_keeps_float64_statistics_in_the_frame(monkeypatch):
@@ -362,7 +361,7 @@ import sys, torch
 from safetensors.torch import save_file
 from hf_slicegpt import slice_model
 from hf_slicegpt.runtime import distributed
-from tiny import FAMILIES, calibration, make_tiny
+from tiny import calibration, make_tiny
 distributed.init_from_environment("cpu")
 sliced = slice_model(make_tiny("llama", seed=0, num_hidden_layers=3), calibration(32, 16, seed=3), 0.25,
                      batch_size=4, correction=sys.argv[2], show_progress=False)
@@ -373,9 +372,8 @@ distributed.destroy()
 """
 
 
-@pytest.mark.parametrize(
-    "correction", ["ridge", "none"]
-)  # (plain updates sum in frames; corrected ones expand)
+# plain updates sum in frames, corrected ones expand: both paths must reduce over ranks alike
+@pytest.mark.parametrize("correction", ["ridge", "none"])
 def test_two_processes_give_the_same_weights_as_one(tmp_path, correction):
     script = tmp_path / "dp.py"
     script.write_text(_DP_SLICE)
